@@ -1,0 +1,189 @@
+"""``@task.ray``: run a TaskFlow callable as a Ray task.
+
+Built like the standard provider's ``@task``: a ``DecoratedOperator`` over
+``PythonOperator``, so templating, ``multiple_outputs``, ``.override()``,
+``.partial()/.expand()`` and every operator argument behave as users expect.
+Only the call itself moves: the callable is cloudpickled, submitted by the
+owner actor, and its output streamed back into the task log.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.standard.operators.python import PythonOperator
+from airflow.sdk.bases.decorator import DecoratedOperator, task_decorator_factory
+
+from airflow_ray_provider.hooks import RayHook
+from airflow_ray_provider.serialization import is_portable
+from airflow_ray_provider.settings import merge_runtime_env
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+    from airflow.sdk.bases.decorator import TaskDecorator
+
+    from airflow_ray_provider.submission import RayTaskRun
+
+
+class RayDecoratedOperator(DecoratedOperator, PythonOperator):
+    """Runs ``python_callable`` on a Ray cluster and returns its result.
+
+    :param ray_conn_id: the ``ray`` connection (default ``ray_default``; absent means embedded).
+    :param num_cpus: CPUs the Ray task reserves (Ray's default: 1).
+    :param num_gpus: GPUs the Ray task reserves.
+    :param memory: bytes of memory the Ray task reserves.
+    :param resources: custom Ray resources, e.g. ``{"node_b": 1}``.
+    :param runtime_env: Ray runtime environment, merged over the connection's default (templated).
+    :param ray_max_retries: Ray-level retries on worker or node failure (Airflow's ``retries``
+        still covers errors raised by the callable).
+    """
+
+    template_fields: Sequence[str] = ("templates_dict", "op_args", "op_kwargs", "runtime_env")
+    template_fields_renderers = {"templates_dict": "json", "op_args": "py", "op_kwargs": "py",
+                                 "runtime_env": "json"}
+    custom_operator_name = "@task.ray"
+
+    def __init__(
+        self,
+        *,
+        python_callable: Callable[..., Any],
+        op_args: Sequence[Any] | None = None,
+        op_kwargs: Mapping[str, Any] | None = None,
+        ray_conn_id: str = RayHook.default_conn_name,
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        memory: int | None = None,
+        resources: Mapping[str, float] | None = None,
+        runtime_env: Mapping[str, Any] | None = None,
+        ray_max_retries: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus), ("memory", memory)):
+            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"@task.ray {name} must be a non-negative number, got {value!r}")
+        if resources is not None and not (
+            isinstance(resources, Mapping)
+            and all(isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in resources.items())
+        ):
+            raise ValueError(f"@task.ray resources must map names to non-negative numbers, got {resources!r}")
+        self.ray_conn_id = ray_conn_id
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.memory = memory
+        # BaseOperator has its own (executor) ``resources``; Ray's are kept apart.
+        self.ray_resources = dict(resources or {})
+        self.runtime_env = dict(runtime_env or {})
+        self.ray_max_retries = ray_max_retries
+        self._ray_run: RayTaskRun | None = None
+        self._ray_identity: dict[str, Any] = {}
+        super().__init__(
+            kwargs_to_upstream={"python_callable": python_callable, "op_args": op_args, "op_kwargs": op_kwargs},
+            python_callable=python_callable,
+            op_args=op_args,
+            op_kwargs=op_kwargs,
+            **kwargs,
+        )
+
+    @property
+    def task_label(self) -> str:
+        ident = self._ray_identity
+        label = f"{self.dag_id}.{self.task_id}"
+        if ident.get("map_index", -1) not in (-1, None):
+            label += f"[{ident['map_index']}]"
+        return label
+
+    def execute(self, context: Context) -> Any:
+        ti = context["ti"]
+        self._ray_identity = {
+            "run_id": context.get("run_id"),
+            "map_index": getattr(ti, "map_index", -1),
+            "try_number": getattr(ti, "try_number", 1),
+            "context": context,
+        }
+        return super().execute(context)
+
+    def _portable_kwargs(self) -> dict[str, Any]:
+        """Drop or refuse context objects (``ti``, ``dag_run``...) that mean nothing inside Ray."""
+        import inspect
+
+        context = self._ray_identity.get("context") or {}
+        named = set(inspect.signature(self.python_callable).parameters)
+        kwargs: dict[str, Any] = {}
+        for name, value in self.op_kwargs.items():
+            from_context = name in context and context[name] is value
+            if from_context and name == "params" and hasattr(value, "dump"):
+                value = value.dump()
+            if from_context and not is_portable(value):
+                if name in named:
+                    raise TypeError(
+                        f"Task {self.task_label}: context value {name!r} ({type(value).__name__}) cannot be "
+                        f"used inside a Ray task; pass what you need from it as an argument instead"
+                    )
+                continue  # only reached through **kwargs: leave it out
+            kwargs[name] = value
+        return kwargs
+
+    def execute_callable(self) -> Any:
+        from airflow_ray_provider.submission import RayTaskRun
+
+        hook = RayHook(self.ray_conn_id)
+        settings = hook.settings
+        hook.get_conn()
+        hook.check_feasible(
+            {"CPU": 1.0 if self.num_cpus is None else float(self.num_cpus), "GPU": float(self.num_gpus or 0),
+             "memory": float(self.memory or 0), **{k: float(v) for k, v in self.ray_resources.items()}},
+            self.task_label,
+        )
+        kwargs = self._portable_kwargs()
+        options: dict[str, Any] = {"name": self.task_label}
+        for name, value in (("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus), ("memory", self.memory),
+                            ("max_retries", self.ray_max_retries)):
+            if value is not None:
+                options[name] = value
+        if self.ray_resources:
+            options["resources"] = self.ray_resources
+        runtime_env = merge_runtime_env(settings.runtime_env, self.runtime_env)
+        if runtime_env:
+            options["runtime_env"] = runtime_env
+        ident = self._ray_identity
+        key = "/".join(str(p) for p in (self.dag_id, ident.get("run_id"), self.task_id, ident.get("map_index", -1),
+                                        ident.get("try_number", 1), uuid.uuid4().hex[:8]))
+        run = RayTaskRun(key=key, task_label=self.task_label, namespace=settings.namespace,
+                         shards=settings.owner_shards, lease_s=settings.lease_timeout, log=self.log)
+        self._ray_run = run
+        try:
+            run.submit(self.python_callable, tuple(self.op_args), kwargs, options)
+            status = run.wait()
+            if status["state"] != "finished":
+                run.raise_failure(status)
+            return run.fetch()
+        except BaseException:
+            run.cancel()  # timeout, SIGTERM or any local error: leave nothing running in Ray
+            raise
+        finally:
+            run.release()
+            self._ray_run = None
+
+    def on_kill(self) -> None:
+        run = self._ray_run
+        if run is not None:
+            run.cancel()
+
+
+def ray_task(
+    python_callable: Callable[..., Any] | None = None,
+    multiple_outputs: bool | None = None,
+    **kwargs: Any,
+) -> TaskDecorator:
+    """Wrap a function into an Airflow task that runs on Ray; registered as ``@task.ray``.
+
+    Accepts the Ray options of :class:`RayDecoratedOperator` and every operator argument.
+    """
+    return task_decorator_factory(
+        python_callable=python_callable,
+        multiple_outputs=multiple_outputs,
+        decorated_operator_class=RayDecoratedOperator,
+        **kwargs,
+    )

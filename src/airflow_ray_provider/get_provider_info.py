@@ -1,0 +1,75 @@
+"""Provider metadata read by Airflow's ProvidersManager (``apache_airflow_provider`` entry point)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_ray_provider import __version__
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-ray-provider",
+        "name": "Ray",
+        "description": "Run TaskFlow tasks on a Ray cluster with `@task.ray`.",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "Ray",
+                "external-doc-url": "https://docs.ray.io/",
+                "tags": ["software"],
+            }
+        ],
+        "hooks": [{"integration-name": "Ray", "python-modules": ["airflow_ray_provider.hooks"]}],
+        "connection-types": [
+            {
+                "hook-class-name": "airflow_ray_provider.hooks.RayHook",
+                "hook-name": "Ray",
+                "connection-type": "ray",
+                "conn-fields": {
+                    "address": {
+                        "label": "Ray address",
+                        "schema": {"type": ["string", "null"], "default": "local"},
+                        "description": "local (embedded head), auto, host:port (GCS), or ray://host:10001 (Ray Client)",
+                    },
+                    "namespace": {
+                        "label": "Ray namespace",
+                        "schema": {"type": ["string", "null"], "default": "airflow"},
+                    },
+                    "runtime_env": {
+                        "label": "Default runtime_env (JSON)",
+                        "schema": {"type": ["object", "string", "null"]},
+                        "description": "Merged under each task's runtime_env; env_vars are merged key by key",
+                    },
+                    "connect_timeout": {
+                        "label": "Connect timeout (s)",
+                        "schema": {"type": ["number", "null"], "default": 30},
+                    },
+                    "lease_timeout": {
+                        "label": "Lease timeout (s)",
+                        "schema": {"type": ["number", "null"], "default": 60},
+                        "description": "A Ray task whose Airflow process stops polling this long is cancelled",
+                    },
+                    "owner_shards": {
+                        "label": "Owner actors",
+                        "schema": {"type": ["integer", "null"], "default": 1},
+                    },
+                    "autoscaling": {
+                        "label": "Cluster autoscales",
+                        "schema": {"type": ["boolean", "null"], "default": False},
+                        "description": "Skip the fail-fast check for resources no current node has",
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "login", "extra"],
+                    "relabeling": {"password": "Ray auth token"},
+                    "placeholders": {
+                        "host": "optional: GCS host (or use the address field)",
+                        "port": "optional: GCS port",
+                        "password": "token for clusters started with RAY_AUTH_MODE=token",
+                    },
+                },
+            }
+        ],
+        "task-decorators": [{"class-name": "airflow_ray_provider.decorators.ray_task", "name": "ray"}],
+    }

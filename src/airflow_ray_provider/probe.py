@@ -1,0 +1,32 @@
+"""``python -m airflow_ray_provider.probe ADDRESS NAMESPACE TIMEOUT``: connect once and describe the cluster.
+
+Runs in a throwaway process for ``RayHook.test_connection`` so the API server never becomes a Ray driver.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from airflow_ray_provider.hooks import _connect_bounded
+from airflow_ray_provider.settings import RayConnectionError, RaySettings, parse_address
+
+
+def main(argv: list[str]) -> int:
+    address, namespace, timeout = argv[0], argv[1], float(argv[2])
+    settings = RaySettings(address=parse_address(address), namespace=namespace, connect_timeout=timeout)
+    try:
+        _connect_bounded(address, settings)
+    except RayConnectionError as exc:
+        print(exc)
+        return 1
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    resources = ray.cluster_resources()
+    print(f"Connected to Ray {ray.__version__} at {address}: {len(nodes)} node(s), "
+          f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,120 @@
+"""Pickling what a task sends to Ray, with errors that name the task, argument and type.
+
+Airflow imports DAG files under generated module names (``unusual_prefix_...``)
+that a Ray worker cannot import, so the callable's own module and every helper
+module loaded from the DAGs folder are pickled by value, not by reference.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import sysconfig
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any
+
+from ray import cloudpickle
+
+_register_lock = threading.Lock()
+_PORTABLE_SCALARS = (str, int, float, bool, type(None), dt.datetime, dt.date, dt.timedelta, dt.time)
+
+
+class RaySerializationError(TypeError):
+    """Something a task sends to, or gets from, Ray cannot be pickled."""
+
+
+def _dags_folder() -> str | None:
+    try:
+        from airflow.configuration import conf
+
+        folder = conf.get("core", "dags_folder", fallback=None)
+    except Exception:  # noqa: BLE001 - outside a configured Airflow there is no DAGs folder
+        return None
+    return os.path.realpath(folder) if folder else None
+
+
+def _installed(path: str) -> bool:
+    real = os.path.realpath(path)
+    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib", "platstdlib")}
+    return any(real.startswith(os.path.realpath(root) + os.sep) for root in roots)
+
+
+def _by_value_modules(fn: Callable[..., Any]) -> list[ModuleType]:
+    """Modules a Ray worker may not import: the callable's own (unless installed) and the DAGs folder's."""
+    found: dict[str, ModuleType] = {}
+    own = sys.modules.get(getattr(fn, "__module__", "") or "")
+    own_file = getattr(own, "__file__", None)
+    if own is not None and own.__name__ != "__main__" and (own_file is None or not _installed(own_file)):
+        found[own.__name__] = own
+    dags = _dags_folder()
+    if dags:
+        prefix = dags.rstrip(os.sep) + os.sep
+        for name, module in list(sys.modules.items()):
+            path = getattr(module, "__file__", None)
+            if path and name != "__main__" and os.path.realpath(path).startswith(prefix):
+                found[name] = module
+    return list(found.values())
+
+
+@contextmanager
+def _pickled_by_value(modules: list[ModuleType]) -> Iterator[None]:
+    with _register_lock:
+        registered = []
+        for module in modules:
+            try:
+                cloudpickle.register_pickle_by_value(module)
+                registered.append(module)
+            except ValueError:
+                continue  # a module cloudpickle cannot handle by value stays by reference
+        try:
+            yield
+        finally:
+            for module in registered:
+                cloudpickle.unregister_pickle_by_value(module)
+
+
+def dumps_callable(fn: Callable[..., Any], task_label: str) -> bytes:
+    """The callable as bytes, with DAG-folder modules inlined."""
+    with _pickled_by_value(_by_value_modules(fn)):
+        try:
+            return cloudpickle.dumps(fn)
+        except Exception as exc:
+            name = getattr(fn, "__qualname__", type(fn).__qualname__)
+            raise RaySerializationError(
+                f"Task {task_label}: the callable {name!r} cannot be pickled for Ray "
+                f"(it captures something unpicklable): {exc}"
+            ) from exc
+
+
+def find_unpicklable(args: tuple[Any, ...], kwargs: Mapping[str, Any], task_label: str) -> RaySerializationError:
+    """Name the first argument that cannot be pickled (called only after a failure)."""
+    labelled = [(f"positional argument {i}", v) for i, v in enumerate(args)]
+    labelled += [(f"argument {k!r}", v) for k, v in kwargs.items()]
+    for label, value in labelled:
+        try:
+            cloudpickle.dumps(value)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            return RaySerializationError(
+                f"Task {task_label}: {label} of type {_type_name(value)} cannot be pickled for Ray: {exc}"
+            )
+    return RaySerializationError(f"Task {task_label}: the arguments cannot be pickled for Ray")
+
+
+def _type_name(value: Any) -> str:
+    cls = type(value)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def is_portable(value: Any) -> bool:
+    """True for context values that mean the same thing inside a Ray worker (dates, ids, params)."""
+    if isinstance(value, _PORTABLE_SCALARS):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_portable(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_portable(v) for k, v in value.items())
+    return False

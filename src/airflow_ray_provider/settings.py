@@ -1,0 +1,136 @@
+"""The ``ray`` connection's settings, parsed and validated without touching the network."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+LOCAL = "local"
+AUTO = "auto"
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})$")
+
+
+class RayConnectionError(Exception):
+    """The Ray connection is malformed or its cluster cannot be reached."""
+
+
+@dataclass(frozen=True)
+class RayAddress:
+    """One of the address forms users meet: embedded, auto, GCS ``host:port``, or Ray Client."""
+
+    kind: str  # local | auto | gcs | client
+    host: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        if self.kind in (LOCAL, AUTO):
+            return self.kind
+        prefix = "ray://" if self.kind == "client" else ""
+        return f"{prefix}{self.host}:{self.port}"
+
+
+def parse_address(raw: str) -> RayAddress:
+    """Parse ``local``, ``auto``, ``host:port`` or ``ray://host:port``; raise naming the bad input."""
+    text = (raw or "").strip()
+    if text in ("", LOCAL):
+        return RayAddress(LOCAL)
+    if text == AUTO:
+        return RayAddress(AUTO)
+    kind = "gcs"
+    if text.startswith("ray://"):
+        kind, text = "client", text[len("ray://"):]
+    elif "://" in text:
+        raise RayConnectionError(
+            f"Malformed Ray address {raw!r}: use 'local', 'auto', 'host:port' or 'ray://host:port'"
+        )
+    match = _HOST_PORT.match(text.rstrip("/"))
+    if match is None:
+        raise RayConnectionError(
+            f"Malformed Ray address {raw!r}: expected 'host:port' (or 'ray://host:port', 'local', 'auto')"
+        )
+    port = int(match["port"])
+    if not 0 < port < 65536:
+        raise RayConnectionError(f"Malformed Ray address {raw!r}: port {port} is out of range")
+    return RayAddress(kind, match["host"].strip("[]"), port)
+
+
+def _as_dict(value: Any, name: str) -> dict[str, Any]:
+    if value in (None, ""):
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise RayConnectionError(f"Ray connection field {name!r} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise RayConnectionError(f"Ray connection field {name!r} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _number(extra: dict[str, Any], name: str, default: float, minimum: float) -> float:
+    value = extra.get(name, default)
+    try:
+        number = float(value if value not in (None, "") else default)
+    except (TypeError, ValueError):
+        raise RayConnectionError(f"Ray connection field {name!r} must be a number, got {value!r}") from None
+    if number < minimum:
+        raise RayConnectionError(f"Ray connection field {name!r} must be at least {minimum}, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """Everything a task needs from the ``ray`` connection."""
+
+    address: RayAddress = field(default_factory=lambda: RayAddress(LOCAL))
+    namespace: str = "airflow"
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    auth_token: str | None = field(default=None, repr=False)
+    connect_timeout: float = 30.0
+    lease_timeout: float = 60.0
+    owner_shards: int = 1
+    autoscaling: bool = False
+
+    @classmethod
+    def from_fields(
+        cls,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        password: str | None = None,
+        extra: dict[str, Any] | str | None = None,
+    ) -> RaySettings:
+        extra_d = _as_dict(extra, "extra")
+        raw_address = extra_d.get("address")
+        if raw_address in (None, "") and host:
+            raw_address = host if port is None or host in (LOCAL, AUTO) else f"{host}:{port}"
+        namespace = str(extra_d.get("namespace") or "airflow")
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,128}", namespace):
+            raise RayConnectionError(f"Ray connection field 'namespace' has odd characters: {namespace!r}")
+        shards = int(_number(extra_d, "owner_shards", 1, 1))
+        autoscaling = extra_d.get("autoscaling", False)
+        if isinstance(autoscaling, str):
+            autoscaling = autoscaling.strip().lower() in ("1", "true", "yes", "on")
+        return cls(
+            address=parse_address(str(raw_address or LOCAL)),
+            namespace=namespace,
+            runtime_env=_as_dict(extra_d.get("runtime_env"), "runtime_env"),
+            auth_token=password or None,
+            connect_timeout=_number(extra_d, "connect_timeout", 30.0, 1.0),
+            lease_timeout=_number(extra_d, "lease_timeout", 60.0, 5.0),
+            owner_shards=shards,
+            autoscaling=bool(autoscaling),
+        )
+
+
+def merge_runtime_env(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    """Task-level ``runtime_env`` over the connection default; ``env_vars`` are merged key by key."""
+    merged = dict(base)
+    for key, value in (override or {}).items():
+        if key == "env_vars" and isinstance(value, dict) and isinstance(merged.get("env_vars"), dict):
+            merged["env_vars"] = {**merged["env_vars"], **value}
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,152 @@
+"""What runs inside the Ray worker: unpickle the callable, capture its output, call it.
+
+stdout, stderr and ``logging`` records of the callable are copied (not moved: Ray's
+own worker log files still get them) to the owner actor in small batches, where
+the waiting Airflow task picks them up for its task log.
+
+This module runs inside the Ray cluster and must not import Airflow.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import ray
+from ray import cloudpickle
+
+_FLUSH_INTERVAL_S = 0.2
+
+
+class _LogSink:
+    """Buffers text and ships it to the owner actor from a background thread."""
+
+    def __init__(self, owner: Any, key: str) -> None:
+        self._owner = owner
+        self._key = key
+        self._lock = threading.Lock()
+        self._buffer: list[str] = []
+        self._partial = ""
+        self._events: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="airflow-ray-log-sink", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            text = self._partial + text
+            head, sep, self._partial = text.rpartition("\n")
+            if sep:
+                self._buffer.append(head + "\n")
+
+    def event(self, **events: Any) -> None:
+        with self._lock:
+            self._events.update(events)
+
+    def _take(self, final: bool) -> tuple[str, dict[str, Any]]:
+        with self._lock:
+            if final and self._partial:
+                self._buffer.append(self._partial)
+                self._partial = ""
+            chunk, self._buffer = "".join(self._buffer), []
+            events, self._events = self._events, {}
+        return chunk, events
+
+    def _loop(self) -> None:
+        while not self._stop.wait(_FLUSH_INTERVAL_S):
+            chunk, events = self._take(final=False)
+            if chunk or events:
+                self._owner.append_log.remote(self._key, chunk, events)
+
+    def close(self) -> None:
+        """Stop the thread and deliver what is left, waiting so the Airflow side sees it first."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        chunk, events = self._take(final=True)
+        if chunk or events:
+            ray.get(self._owner.append_log.remote(self._key, chunk, events), timeout=30)
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, original: Any, sink: _LogSink) -> None:
+        self._original = original
+        self._sink = sink
+
+    def write(self, text: str) -> int:
+        try:
+            self._original.write(text)
+        except Exception:  # noqa: BLE001 - a closed original stream must not break user code
+            pass
+        self._sink.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._original.flush()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextmanager
+def _captured_output(sink: _LogSink) -> Iterator[None]:
+    old_out, old_err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(old_out, sink), _Tee(old_err, sink)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = old_out, old_err
+
+
+def resolve_refs(value: Any) -> Any:
+    """Replace ``ObjectRef``s nested in lists, tuples and dicts by their values."""
+    if isinstance(value, ray.ObjectRef):
+        return ray.get(value)
+    if isinstance(value, list):
+        return [resolve_refs(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(resolve_refs(v) for v in value)
+    if isinstance(value, dict):
+        return {k: resolve_refs(v) for k, v in value.items()}
+    return value
+
+
+@ray.remote
+def run_callable(payload: tuple[bytes, tuple[Any, ...], dict[str, Any]], key: str, owner: Any) -> Any:
+    """Run one Airflow task's callable; its return value becomes the owner's object."""
+    sink = _LogSink(owner, key)
+    ctx = ray.get_runtime_context()
+    sink.event(node_id=ctx.get_node_id(), node_ip=ray.util.get_node_ip_address(), pid=os.getpid())
+    sink.start()
+    try:
+        fn_bytes, args, kwargs = payload
+        fn: Callable[..., Any] = cloudpickle.loads(fn_bytes)
+        args, kwargs = resolve_refs(args), resolve_refs(kwargs)
+        with _captured_output(sink):
+            result = fn(*args, **kwargs)
+        cls = type(result)
+        sink.event(returned_type=f"{cls.__module__}.{cls.__qualname__}")
+        return result
+    finally:
+        sink.close()
