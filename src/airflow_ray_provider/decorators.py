@@ -104,6 +104,13 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
         }
         return super().execute(context)
 
+    @staticmethod
+    def _materialize(value: Any) -> Any:
+        """Airflow hands mapped upstream results as a lazy, DB-backed sequence; Ray needs the items."""
+        from airflow.sdk.execution_time.lazy_sequence import LazyXComSequence
+
+        return list(value) if isinstance(value, LazyXComSequence) else value
+
     def _portable_kwargs(self) -> dict[str, Any]:
         """Drop or refuse context objects (``ti``, ``dag_run``...) that mean nothing inside Ray."""
         import inspect
@@ -122,7 +129,7 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
                         f"used inside a Ray task; pass what you need from it as an argument instead"
                     )
                 continue  # only reached through **kwargs: leave it out
-            kwargs[name] = value
+            kwargs[name] = self._materialize(value)
         return kwargs
 
     def execute_callable(self) -> Any:
@@ -154,7 +161,7 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
                          shards=settings.owner_shards, lease_s=settings.lease_timeout, log=self.log)
         self._ray_run = run
         try:
-            run.submit(self.python_callable, tuple(self.op_args), kwargs, options)
+            run.submit(self.python_callable, tuple(self._materialize(a) for a in self.op_args), kwargs, options)
             status = run.wait()
             if status["state"] != "finished":
                 run.raise_failure(status)

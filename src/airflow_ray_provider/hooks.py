@@ -72,6 +72,7 @@ class RayHook(BaseHook):
             if ray.is_initialized():
                 current = _connected.get("address")
                 if current not in (None, target) or _connected.get("namespace") not in (None, settings.namespace):
+                    _precheck_tcp(settings.address, target, min(5.0, settings.connect_timeout))
                     raise RayConnectionError(
                         f"This process is already connected to the Ray cluster at {current} "
                         f"(namespace {_connected.get('namespace')}); connection {self.ray_conn_id!r} "

@@ -239,6 +239,8 @@ class LocalRayCluster:
             stopped = self._kill_session(state.session_id, timeout=timeout)
             with contextlib.suppress(FileNotFoundError):
                 self.state_file.unlink()
+            if stopped:
+                shutil.rmtree(state.temp_dir, ignore_errors=True)
             return stopped
 
     # -- processes -------------------------------------------------------------
@@ -255,12 +257,13 @@ class LocalRayCluster:
         return found
 
     def _kill_session(self, session_id: int, timeout: float = 30.0) -> bool:
+        """SIGTERM, a short grace (``gcs_server`` ignores SIGTERM), then SIGKILL what is left."""
         procs = self._session_processes(session_id)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        for sig, wait in ((signal.SIGTERM, min(3.0, timeout)), (signal.SIGKILL, timeout)):
             for proc in procs:
                 with contextlib.suppress(psutil.Error):
                     proc.send_signal(sig)
-            _, procs = psutil.wait_procs(procs, timeout=timeout / 2)
+            _, procs = psutil.wait_procs(procs, timeout=wait)
             if not procs:
                 break
         return not procs

@@ -70,7 +70,7 @@ class TaskOwner:
             run.state = "finished"
         except ray.exceptions.TaskCancelledError:
             run.state = "cancelled"
-        except Exception as exc:  # the remote error, kept as text for the Airflow log
+        except Exception as exc:  # noqa: BLE001 - any remote error is kept as text for the Airflow log
             run.state = "cancelled" if run.state == "cancelled" else "failed"
             run.error = str(exc)
         run.changed.set()
@@ -110,7 +110,7 @@ class TaskOwner:
             run.changed.clear()
             try:
                 await asyncio.wait_for(run.changed.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         run.last_seen = time.monotonic()
         new_logs = run.logs[log_offset:]

@@ -1,0 +1,27 @@
+# Two entry points (see README): `make example` runs the main job, `make test` runs the test suite.
+# Both build .venv on first use from pyproject.toml pinned by constraints.txt.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: example test lint clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q uv==0.13.8
+	$(VENV)/bin/uv pip install -q --python $(PY) -c constraints.txt -e ".[test,examples]"
+	touch $@
+
+example: $(VENV)/.installed
+	$(PY) scripts/run_example.py
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check src tests example_dags benchmarks scripts
+
+test: lint
+	$(PY) -m pytest -p no:cacheprovider -rs
+
+clean:
+	-$(VENV)/bin/airflow-ray local stop
+	rm -rf $(VENV) .airflow

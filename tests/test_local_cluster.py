@@ -1,0 +1,74 @@
+"""The embedded Ray head: one per home, safe under concurrent first callers, stoppable on its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from airflow_ray_provider.local_cluster import LocalClusterError, LocalRayCluster, port_open
+
+
+def _count(cluster: LocalRayCluster, name: str, session_id: int) -> int:
+    return sum(p.name() == name for p in cluster._session_processes(session_id))
+
+
+def test_concurrent_first_callers_start_exactly_one_head(tmp_path: Path) -> None:
+    home = tmp_path / "ray"
+    code = ("import sys; from airflow_ray_provider.local_cluster import LocalRayCluster; "
+            "print(LocalRayCluster(sys.argv[1], num_cpus=1).ensure_running().address)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(home)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    cluster = LocalRayCluster(home)
+    try:
+        outputs = [p.communicate(timeout=240) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+        addresses = {out.strip() for out, _ in outputs}
+        assert len(addresses) == 1, addresses
+        state = cluster.status()
+        assert state is not None and state.address in addresses
+        assert state.gcs_port != 6379
+        assert _count(cluster, "gcs_server", state.session_id) == 1
+        assert _count(cluster, "raylet", state.session_id) == 1
+        # The head is not tied to the processes that started it: they have all exited.
+        assert port_open("127.0.0.1", state.gcs_port)
+    finally:
+        assert cluster.stop()
+    assert cluster.status() is None
+    assert not port_open("127.0.0.1", state.gcs_port)
+
+
+def test_cli_start_status_stop(tmp_path: Path) -> None:
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path)}
+    cli = [sys.executable, "-m", "airflow_ray_provider.cli", "local"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=240)
+
+    assert run("status").returncode == 3
+    started = run("start", "--num-cpus", "1", "--json")
+    try:
+        assert started.returncode == 0, started.stderr
+        state = json.loads(started.stdout)
+        status = run("status")
+        assert status.returncode == 0 and state["address"] in status.stdout
+        assert (tmp_path / "ray" / "local-cluster.json").exists()
+    finally:
+        stopped = run("stop")
+    assert stopped.stdout.strip() == "stopped"
+    assert run("status").stdout.strip() == "not running"
+
+
+def test_malformed_state_file_is_refused(tmp_path: Path) -> None:
+    cluster = LocalRayCluster(tmp_path)
+    tmp_path.mkdir(exist_ok=True)
+    cluster.state_file.write_text(json.dumps({"address": "x", "gcs_port": "not-a-port"}))
+    with pytest.raises(LocalClusterError, match="Malformed state file"):
+        cluster.read_state()
+    cluster.state_file.write_text("{not json")
+    with pytest.raises(LocalClusterError, match="Unreadable state file"):
+        cluster.read_state()
