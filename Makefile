@@ -17,7 +17,7 @@ example: $(VENV)/.installed
 	$(PY) scripts/run_example.py
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check src tests example_dags benchmarks scripts
+	$(PY) -m ruff check .
 
 test: lint
 	$(PY) -m pytest -p no:cacheprovider -rs
