@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from tests.conftest import ti_states, xcom_value
 from tests.dags import core_dags
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _log(capfd: pytest.CaptureFixture[str]) -> str:
@@ -74,6 +78,26 @@ def test_execution_timeout_cancels_the_ray_task(tmp_path: Path) -> None:
     _assert_stopped(beat)
     pid = int(pid_file.read_text())
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_sigterm_to_the_task_process_cancels_the_ray_task(tmp_path: Path) -> None:
+    """Marking a running task failed or stopping its worker sends SIGTERM: Airflow calls on_kill."""
+    beat = tmp_path / "beat"
+    code = (f"from tests.dags import core_dags; "
+            f"core_dags.sigterm_cancels_dag.test(run_conf={{'beat': {str(beat)!r}}})")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not beat.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert beat.exists(), f"the Ray task never started: {proc.communicate(timeout=30)[0][-3000:]}"
+        proc.send_signal(signal.SIGTERM)
+        _assert_stopped(beat, seconds=15)  # well before the 60 s lease could have reaped it
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert "Cancelling Ray task sigterm_cancels.forever" in output, output[-3000:]
 
 
 def test_unpicklable_callable_names_the_task_and_type(capfd: pytest.CaptureFixture[str]) -> None:

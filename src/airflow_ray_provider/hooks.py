@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -147,9 +148,23 @@ def _precheck_tcp(address: RayAddress, target: str, timeout: float) -> None:
         )
 
 
+class _NoSigtermWarning(logging.Filter):
+    """Drop Ray's warning that it did not install its SIGTERM handler (we want Airflow's kept)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
 def _connect_bounded(target: str, settings: RaySettings) -> None:
-    """``ray.init`` retries for minutes on a dead address; bound it and name the address."""
+    """``ray.init`` retries for minutes on a dead address; bound it and name the address.
+
+    It runs in a helper thread for the bound, which has a second purpose: on the main
+    thread ``ray.init`` replaces the SIGTERM handler with ``sys.exit``, and Airflow's own
+    handler (which calls ``on_kill`` and so cancels the Ray task) would never run.
+    """
     import ray
+
+    logging.getLogger("ray._private.worker").addFilter(_NoSigtermWarning())
 
     started = time.monotonic()
     address = settings.address if settings.address.kind != LOCAL else RayAddress("gcs")

@@ -11,6 +11,8 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import dag, task
 
+from airflow_ray_provider.decorators import ray_task
+
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
 SCALE = 10
 
@@ -39,7 +41,7 @@ def flow_both_ways():
     def plain_sum(values: list[int]) -> int:
         return sum(values)
 
-    @task.ray
+    @ray_task(ray_conn_id="ray_default")  # the seed articles' spelling of @task.ray
     def summarize(total: int, values: list[int]) -> dict:
         stats = Stats(count=len(values), total=total)
         return dataclasses.asdict(stats)
@@ -107,6 +109,17 @@ def timeout_cancels():
             time.sleep(0.1)
 
     forever("{{ params.beat }}", "{{ params.pid }}")
+
+
+@dag(dag_id="sigterm_cancels", schedule=None, start_date=START, params={"beat": ""})
+def sigterm_cancels():
+    @task.ray
+    def forever(beat_path: str) -> None:
+        while True:
+            Path(beat_path).write_text(str(time.time()))
+            time.sleep(0.1)
+
+    forever("{{ params.beat }}")
 
 
 _LOCK = threading.Lock()
@@ -177,6 +190,7 @@ mapping_outputs_dag = mapping_outputs()
 remote_failure_dag = remote_failure()
 remote_skip_dag = remote_skip()
 timeout_cancels_dag = timeout_cancels()
+sigterm_cancels_dag = sigterm_cancels()
 bad_callable_dag = bad_callable()
 bad_return_dag = bad_return()
 no_gpu_dag = no_gpu()
