@@ -29,6 +29,11 @@ import psutil
 from filelock import FileLock
 
 START_TIMEOUT_S = 120.0
+# Every Airflow task process is a new Ray driver, and Ray prestarts idle workers for each
+# one. They never run our tasks (the owner actor submits them), yet they push the node over
+# its worker soft limit, so Ray's idle-worker killer reaps the warm worker our next task
+# would reuse: each task then paid about 2 s for a fresh worker (benchmarks/chain10.py).
+RAY_SYSTEM_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0"}
 _STATE_VERSION = 1
 
 
@@ -200,7 +205,7 @@ class LocalRayCluster:
             cmd.append(f"--resources={json.dumps(self.resources)}")
         if self.object_store_memory is not None:
             cmd.append(f"--object-store-memory={self.object_store_memory}")
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **RAY_SYSTEM_ENV}
         with open(self.log_file, "ab") as log:
             # A new session detaches the head from the caller: killing the Airflow
             # task that happened to start it must not take the cluster down.

@@ -8,6 +8,7 @@ module loaded from the DAGs folder are pickled by value, not by reference.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import sys
 import sysconfig
@@ -37,10 +38,19 @@ def _dags_folder() -> str | None:
     return os.path.realpath(folder) if folder else None
 
 
+@functools.cache
+def _realpath(path: str) -> str:
+    return os.path.realpath(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _install_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple({_realpath(paths[k]) + os.sep for k in ("purelib", "platlib", "stdlib", "platstdlib")})
+
+
 def _installed(path: str) -> bool:
-    real = os.path.realpath(path)
-    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib", "platstdlib")}
-    return any(real.startswith(os.path.realpath(root) + os.sep) for root in roots)
+    return _realpath(path).startswith(_install_roots())
 
 
 def _by_value_modules(fn: Callable[..., Any]) -> list[ModuleType]:
@@ -55,7 +65,7 @@ def _by_value_modules(fn: Callable[..., Any]) -> list[ModuleType]:
         prefix = dags.rstrip(os.sep) + os.sep
         for name, module in list(sys.modules.items()):
             path = getattr(module, "__file__", None)
-            if path and name != "__main__" and os.path.realpath(path).startswith(prefix):
+            if path and name != "__main__" and _realpath(path).startswith(prefix):
                 found[name] = module
     return list(found.values())
 
