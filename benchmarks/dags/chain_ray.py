@@ -1,0 +1,9 @@
+"""Benchmark DAGs ``chain{1,10,20}_ray``: the chain with ``@task.ray`` (embedded Ray head by default)."""
+
+from __future__ import annotations
+
+from _chain import LENGTHS, build_chain
+from airflow.sdk import task
+
+for _length in LENGTHS:
+    build_chain(f"chain{_length}_ray", _length, task.ray)
