@@ -196,6 +196,7 @@ class Bench:
         if rc != 0:
             raise RuntimeError(f"airflow db migrate failed:\n{out[-3000:]}")
         self.load = [os.getloadavg()[0]]
+        self.commit = [provider_commit()]
         try:
             self.start_head()
             for r in range(a.warmup):
@@ -213,6 +214,7 @@ class Bench:
         finally:
             self.stop_head()
         self.load.append(os.getloadavg()[0])
+        self.commit.append(provider_commit())
         report = self.report()
         print("\n" + report)
         a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +242,9 @@ class Bench:
             f"- Machine: `nproc` = {os.cpu_count()}, {cpu_model()}, {platform.system()} {platform.release()}; "
             f"1-min load average {self.load[0]:.2f} at start, {self.load[-1]:.2f} at end",
             f"- Python {platform.python_version()}, apache-airflow {metadata.version('apache-airflow')}, "
-            f"ray {metadata.version('ray')}, airflow-ray-provider {metadata.version('airflow-ray-provider')}",
+            f"ray {metadata.version('ray')}, airflow-ray-provider {metadata.version('airflow-ray-provider')} "
+            f"at commit {self.commit[0]}" + ("" if self.commit[0] == self.commit[-1] else
+                                             f" (**changed to {self.commit[-1]} during the run**)"),
             "- Setup: SQLite metadata DB in a fresh AIRFLOW_HOME, no `ray_default` connection (embedded head "
             "under `$AIRFLOW_HOME/ray`), `LOAD_EXAMPLES=False`, `RAY_USAGE_STATS_ENABLED=0`",
             f"- Ray head (`airflow-ray local start`): {self.head.get('start_s', float('nan')):.1f}s, not in the "
@@ -322,6 +326,17 @@ class Bench:
 
 def med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def provider_commit() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return f"{head or 'unknown'}{' + uncommitted changes in src/' if dirty else ''}"
 
 
 def cpu_model() -> str:
