@@ -162,7 +162,8 @@ class Bench:
 
     def start_head(self) -> None:
         t0 = time.perf_counter()
-        rc, out = sh([str(BIN / "airflow-ray"), "local", "start", "--json"], self.env, 300)
+        head_env = {**self.env, **dict(kv.split("=", 1) for kv in self.args.head_env)}
+        rc, out = sh([str(BIN / "airflow-ray"), "local", "start", "--json"], head_env, 300)
         if rc != 0:
             raise RuntimeError(f"airflow-ray local start failed (exit code {rc}): {out}")
         self.head = {"start_s": time.perf_counter() - t0, **json.loads(out.strip().splitlines()[-1])}
@@ -234,7 +235,8 @@ class Bench:
         ratio = med(ray_) / med(plain)
         cmd = "python benchmarks/chain10.py " + " ".join(
             [f"--rounds {a.rounds}", f"--warmup {a.warmup}", f"--scaling-rounds {a.scaling_rounds}"]
-            + (["--owner-keeper"] if a.owner_keeper else []) + ([] if a.profile else ["--no-profile"]))
+            + (["--owner-keeper"] if a.owner_keeper else []) + [f"--head-env {kv}" for kv in a.head_env]
+            + ([] if a.profile else ["--no-profile"]))
         lines = [
             "# chain10: `airflow dags test`, 10-task chain, plain `@task` vs `@task.ray`",
             "",
@@ -243,13 +245,14 @@ class Bench:
             f"1-min load average {self.load[0]:.2f} at start, {self.load[-1]:.2f} at end",
             f"- Python {platform.python_version()}, apache-airflow {metadata.version('apache-airflow')}, "
             f"ray {metadata.version('ray')}, airflow-ray-provider {metadata.version('airflow-ray-provider')} "
-            f"at commit {self.commit[0]}" + ("" if self.commit[0] == self.commit[-1] else
+            f"(src/ at commit {self.commit[0]})" + ("" if self.commit[0] == self.commit[-1] else
                                              f" (**changed to {self.commit[-1]} during the run**)"),
             "- Setup: SQLite metadata DB in a fresh AIRFLOW_HOME, no `ray_default` connection (embedded head "
             "under `$AIRFLOW_HOME/ray`), `LOAD_EXAMPLES=False`, `RAY_USAGE_STATS_ENABLED=0`",
             f"- Ray head (`airflow-ray local start`): {self.head.get('start_s', float('nan')):.1f}s, not in the "
             "timings" + ("; **owner keeper on**: the owner actor is created by a driver that stays alive "
-                         "(experiment, not the provider's default)" if a.owner_keeper else ""),
+                         "(experiment, not the provider's default)" if a.owner_keeper else "")
+            + (f"; **head started with** `{' '.join(a.head_env)}` (experiment)" if a.head_env else ""),
             f"- Reproduce (from the repo root, venv active): `{cmd}`",
             "",
             f"## Wall time per `airflow dags test` ({a.rounds} interleaved rounds after {a.warmup} warm-up)",
@@ -330,8 +333,8 @@ def med(values: list[float]) -> float:
 
 def provider_commit() -> str:
     try:
-        head = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=30).stdout.strip()
+        head = subprocess.run(["git", "-C", str(HERE.parent), "log", "-1", "--format=%h", "--", "src"],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--", "src"],
                                capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
@@ -357,15 +360,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled Ray run")
     p.add_argument("--owner-keeper", action="store_true",
                    help="experiment: create the owner actor from a driver that stays alive during the runs")
+    p.add_argument("--head-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="experiment: extra environment for `airflow-ray local start` (Ray system config)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per subprocess (default 900)")
     p.add_argument("--work-dir", type=Path, default=HERE / ".work", help="parent of the temp AIRFLOW_HOME")
     p.add_argument("--keep-home", action="store_true", help="keep the AIRFLOW_HOME (logs, DB) afterwards")
-    p.add_argument("--out", type=Path, help="Markdown output (default benchmarks/results/chain10[-owner-keeper].md)")
+    p.add_argument("--out", type=Path,
+                   help="Markdown output (default benchmarks/results/chain10[-owner-keeper][-head-env].md)")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    args.out = args.out or HERE / "results" / ("chain10-owner-keeper.md" if args.owner_keeper else "chain10.md")
+    if any("=" not in kv for kv in args.head_env):
+        p.error("--head-env takes KEY=VALUE")
+    suffix = ("-owner-keeper" if args.owner_keeper else "") + ("-head-env" if args.head_env else "")
+    args.out = args.out or HERE / "results" / f"chain10{suffix}.md"
     return args
 
 
