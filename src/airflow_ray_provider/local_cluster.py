@@ -29,10 +29,11 @@ import psutil
 from filelock import FileLock
 
 START_TIMEOUT_S = 120.0
-# Every Airflow task process is a new Ray driver, and Ray prestarts idle workers for each
-# one. They never run our tasks (the owner actor submits them), yet they push the node over
-# its worker soft limit, so Ray's idle-worker killer reaps the warm worker our next task
-# would reuse: each task then paid about 2 s for a fresh worker (benchmarks/chain10.py).
+# Every Airflow task process is a new Ray driver, and by default Ray prestarts idle workers
+# for each new driver's job. Ours never run tasks themselves (the owner actor submits them),
+# so those workers would only cost CPU and memory on every task start. This does not make
+# the warm worker survive between tasks: that depends on the owner actor's creating job
+# staying alive (see benchmarks/results/chain10*.md and benchmarks/worker_reuse.py).
 RAY_SYSTEM_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0"}
 _STATE_VERSION = 1
 
