@@ -155,6 +155,9 @@ class _NoSigtermWarning(logging.Filter):
         return "SIGTERM handler is not set" not in record.getMessage()
 
 
+_NO_SIGTERM_WARNING = _NoSigtermWarning()  # one instance: addFilter ignores an instance it already has
+
+
 def _connect_bounded(target: str, settings: RaySettings) -> None:
     """``ray.init`` retries for minutes on a dead address; bound it and name the address.
 
@@ -164,7 +167,7 @@ def _connect_bounded(target: str, settings: RaySettings) -> None:
     """
     import ray
 
-    logging.getLogger("ray._private.worker").addFilter(_NoSigtermWarning())
+    logging.getLogger("ray._private.worker").addFilter(_NO_SIGTERM_WARNING)
 
     started = time.monotonic()
     address = settings.address if settings.address.kind != LOCAL else RayAddress("gcs")
