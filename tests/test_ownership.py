@@ -137,3 +137,36 @@ def test_released_key_is_a_clear_error(ray_cluster: str) -> None:
     time.sleep(0.2)
     with pytest.raises(RayObjectLost, match="released/"):
         run.fetch()
+
+
+def test_warm_workers_are_reused_across_short_lived_airflow_processes(ray_cluster: str) -> None:
+    """The owner actors belong to the keeper's long-lived job, so Ray keeps their workers warm.
+
+    Before the keeper, each task from a new process waited for a fresh Ray worker (8 workers for
+    10 tasks in benchmarks/results/chain10.md), because Ray kills a finished job's idle workers.
+    """
+    _connect(ray_cluster)
+    pids: list[int] = []
+    for _ in range(3):
+        proc = _driver("""
+            for i in range(2):
+                run = RayTaskRun(key=f"warm/{time.time()}/{i}", task_label="t", namespace="tests", shards=1,
+                                 lease_s=60, log=log)
+                run.submit(lambda: os.getpid(), (), {}, {"num_cpus": 1, "resources": {"session_head": 0.001}})
+                assert run.wait()["state"] == "finished"
+                print("PID", run.fetch(), flush=True)
+                run.release()
+                time.sleep(0.5)
+        """, ray_cluster)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        pids += [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("PID")]
+    assert len(pids) == 6
+    assert len(set(pids)) <= 2, f"6 tasks from 3 exited processes needed {len(set(pids))} Ray workers: {pids}"
+
+    import ray
+
+    from airflow_ray_provider.owner import FACTORY_NAME, SYSTEM_NAMESPACE
+
+    factory = ray.get_actor(FACTORY_NAME, namespace=SYSTEM_NAMESPACE)
+    keeper_pid = ray.get(factory.ping.remote())
+    assert keeper_pid > 0

@@ -1,4 +1,4 @@
-"""``airflow-ray``: manage the embedded local Ray head (``airflow-ray local start|stop|status``)."""
+"""``airflow-ray``: the embedded local Ray head (``local start|stop|status``) and XCom upkeep (``xcom gc``)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,29 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument("--num-cpus", type=int, help="CPUs the head offers (default: all)")
     local.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard on a free port")
     local.add_argument("--json", action="store_true", help="print the state as JSON")
+    xcom = sub.add_parser("xcom", help="XComs held in Ray by RayXComBackend")
+    xcom.add_argument("action", choices=["gc"])
+    xcom.add_argument("--conn-id", default="ray_default", help="the ray connection (default: ray_default)")
+    xcom.add_argument("--retention", type=float, help="seconds after a run finished to keep its objects "
+                      "(default: [ray] xcom_retention; negative keeps them until their rows are deleted)")
+    xcom.add_argument("--grace", type=float, default=600.0, help="seconds to keep unreferenced new objects")
+    xcom.add_argument("--dry-run", action="store_true", help="report, release nothing")
     return parser
+
+
+def _xcom(args: argparse.Namespace) -> int:
+    from airflow_ray_provider.retention import collect_garbage
+
+    report = collect_garbage(conn_id=args.conn_id, retention_s=args.retention, grace_s=args.grace,
+                             dry_run=args.dry_run)
+    print(("dry run: would have " if args.dry_run else "") + report.summary())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.group == "xcom":
+        return _xcom(args)
     cluster = LocalRayCluster(args.home, num_cpus=args.num_cpus, include_dashboard=args.dashboard)
     try:
         if args.action == "start":

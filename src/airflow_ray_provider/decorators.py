@@ -17,6 +17,7 @@ from airflow.providers.standard.operators.python import PythonOperator
 from airflow.sdk.bases.decorator import DecoratedOperator, task_decorator_factory
 
 from airflow_ray_provider.hooks import RayHook
+from airflow_ray_provider.reference import Location, Origin, RayObject, RayObjectDict, RayObjectList
 from airflow_ray_provider.serialization import is_portable
 from airflow_ray_provider.settings import merge_runtime_env
 
@@ -98,6 +99,7 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
         ti = context["ti"]
         self._ray_identity = {
             "run_id": context.get("run_id"),
+            "is_mapped": bool(getattr(ti, "is_mapped", False)),
             "map_index": getattr(ti, "map_index", -1),
             "try_number": getattr(ti, "try_number", 1),
             "context": context,
@@ -119,6 +121,9 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
         named = set(inspect.signature(self.python_callable).parameters)
         kwargs: dict[str, Any] = {}
         for name, value in self.op_kwargs.items():
+            if isinstance(value, (RayObject, RayObjectList, RayObjectDict)):
+                kwargs[name] = value  # an upstream result (mapped tasks see it in the context too)
+                continue
             from_context = name in context and context[name] is value
             if from_context and name == "params" and hasattr(value, "dump"):
                 value = value.dump()
@@ -144,6 +149,8 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
             self.task_label,
         )
         kwargs = self._portable_kwargs()
+        args = tuple(self._materialize(a) for a in self.op_args)
+        args, kwargs = by_reference((args, kwargs), self.ray_conn_id, settings.namespace, self.task_label)
         options: dict[str, Any] = {"name": self.task_label}
         for name, value in (("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus), ("memory", self.memory),
                             ("max_retries", self.ray_max_retries)):
@@ -160,18 +167,51 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
         run = RayTaskRun(key=key, task_label=self.task_label, namespace=settings.namespace,
                          shards=settings.owner_shards, lease_s=settings.lease_timeout, log=self.log)
         self._ray_run = run
+        keep = False
         try:
-            run.submit(self.python_callable, tuple(self._materialize(a) for a in self.op_args), kwargs, options)
+            run.submit(self.python_callable, args, kwargs, options)
             status = run.wait()
             if status["state"] != "finished":
                 run.raise_failure(status)
-            return run.fetch()
+            if not ray_xcom_backend_active():
+                return run.fetch()
+            if not self.do_xcom_push:
+                return None
+            result = self._reference(run, Location(self.ray_conn_id, settings.namespace, run.shard))
+            keep = True
+            return result
         except BaseException:
             run.cancel()  # timeout, SIGTERM or any local error: leave nothing running in Ray
             raise
         finally:
-            run.release()
+            if not keep:
+                run.release()
             self._ray_run = None
+
+    def _reference(self, run: RayTaskRun, location: Location) -> RayObject | RayObjectList | RayObjectDict:
+        """The XCom the backend stores: the result stays in Ray; lists and dicts are split when consumed by item."""
+        import ray
+
+        ident = self._ray_identity
+        origin = Origin(self.dag_id, self.task_id, str(ident.get("run_id") or ""), ident.get("map_index", -1))
+        info = ray.get(run.owner.describe.remote(run.key))
+        meta = info["meta"]
+        names = run.events.get("names")
+        mapped_over = not self._ray_identity.get("is_mapped") and next(self.iter_mapped_dependants(), None)
+        if self.multiple_outputs and names is None:
+            raise TypeError(f"Task {self.task_label} has multiple_outputs=True, so it must return a dict with "
+                            f"string keys; it returned {meta.get('type')}")
+        if names is not None and (self.multiple_outputs or mapped_over):
+            items = ray.get(run.owner.split.remote(run.key, names))
+            return RayObjectDict({n: _item(i, location, origin, n) for n, i in zip(names, items, strict=True)},
+                                 location=location, origin=origin, type=meta.get("type", "dict"),
+                                 summary=meta.get("summary", ""))
+        if mapped_over and meta.get("type") in ("list", "tuple"):
+            items = ray.get(run.owner.split.remote(run.key, None))
+            return RayObjectList([_item(i, location, origin, str(n)) for n, i in enumerate(items)],
+                                 location=location, origin=origin, kind=meta["type"], type=meta["type"],
+                                 summary=meta.get("summary", ""))
+        return _item(info, location, origin, None)
 
     def on_kill(self) -> None:
         run = self._ray_run
@@ -194,3 +234,61 @@ def ray_task(
         decorated_operator_class=RayDecoratedOperator,
         **kwargs,
     )
+
+
+def _item(info: dict[str, Any], location: Location, origin: Origin, item: str | None) -> RayObject:
+    meta = info.get("meta") or {}
+    return RayObject(key=info["key"], location=location, type=meta.get("type", ""), size=info.get("size"),
+                     summary=meta.get("summary", ""), nodes=tuple(info.get("node_ids") or ()), origin=origin,
+                     item=item)
+
+
+def ray_xcom_backend_active() -> bool:
+    from airflow.sdk.execution_time.xcom import XCom
+
+    from airflow_ray_provider.xcom import RayXComBackend
+
+    return isinstance(XCom, type) and issubclass(XCom, RayXComBackend)
+
+
+def by_reference(value: Any, conn_id: str, namespace: str, task_label: str) -> Any:
+    """Swap upstream ``RayObject`` references (nested anywhere) for refs the Ray worker resolves."""
+    from airflow_ray_provider.worker import UpstreamRef
+    from airflow_ray_provider.xcom import object_refs
+
+    found: list[RayObject] = []
+
+    def collect(v: Any) -> None:
+        if isinstance(v, RayObject):
+            found.append(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                collect(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                collect(x)
+
+    collect(value)
+    if not found:
+        return value
+    for obj in found:
+        if (obj.location.conn_id, obj.location.namespace) != (conn_id, namespace):
+            raise ValueError(
+                f"Task {task_label} runs on Ray connection {conn_id!r} (namespace {namespace!r}), but its input "
+                f"from {obj.origin.label(obj.item)} lives on {obj.location.conn_id!r} "
+                f"(namespace {obj.location.namespace!r}); results cannot cross clusters by reference"
+            )
+    refs = dict(zip(map(id, found), object_refs(found), strict=True))
+
+    def swap(v: Any) -> Any:
+        if isinstance(v, RayObject):
+            return UpstreamRef(refs[id(v)], f"task {v.origin.task_id!r} ({v.origin.label(v.item)})")
+        if isinstance(v, dict):
+            return {k: swap(x) for k, x in v.items()}
+        if isinstance(v, tuple):
+            return tuple(swap(x) for x in v)
+        if isinstance(v, list):
+            return [swap(x) for x in v]
+        return v
+
+    return swap(value)

@@ -72,4 +72,35 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "task-decorators": [{"class-name": "airflow_ray_provider.decorators.ray_task", "name": "ray"}],
+        "config": {
+            "ray": {
+                "description": "Ray provider settings (the XCom backend airflow_ray_provider.xcom.RayXComBackend).",
+                "options": {
+                    "xcom_threshold": {
+                        "description": "Plain (non-Ray) tasks' XCom values whose JSON form is larger than this many "
+                        "bytes are put in Ray's object store instead of the metadata DB. -1: never. "
+                        "@task.ray results always stay in Ray.",
+                        "version_added": "0.1.0",
+                        "type": "integer",
+                        "example": "1048576",
+                        "default": "1048576",
+                    },
+                    "xcom_conn_id": {
+                        "description": "The ray connection used for plain tasks' large XCom values.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "ray_default",
+                        "default": "ray_default",
+                    },
+                    "xcom_retention": {
+                        "description": "Seconds after a DAG run finished before `airflow-ray xcom gc` releases its "
+                        "objects from Ray. Negative: keep them until their XCom rows are deleted.",
+                        "version_added": "0.1.0",
+                        "type": "float",
+                        "example": "86400",
+                        "default": "86400",
+                    },
+                },
+            }
+        },
     }

@@ -9,12 +9,21 @@ task, the XCom backend) gets the ref back by key.
 There is no global lock: the actor is async with a high ``max_concurrency`` and
 many runs are in flight at once; keys are spread over ``shards`` actors.
 
+The owner actors are created by the keeper's factory (see ``keeper.py``), so they
+belong to a job that stays alive and Ray keeps their warm workers between tasks.
+
 This module runs inside the Ray cluster and must not import Airflow.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -25,12 +34,19 @@ import ray
 from airflow_ray_provider import worker
 
 OWNER_NAME_PREFIX = "airflow-ray-owner"
+SYSTEM_NAMESPACE = "airflow-ray-system"
+FACTORY_NAME = "airflow-ray-owner-factory"
+LAUNCHER_NAME = "airflow-ray-keeper-launcher"
+KEEPER_START_TIMEOUT_S = 60.0
 _MAX_LOG_LINES = 50_000
+_WATCH_INTERVAL_S = 0.02
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Run:
-    """One submitted Ray task and what the Airflow side needs to follow it."""
+    """One object the owner holds: a submitted Ray task's result, an item of one, or an adopted value."""
 
     key: str
     ref: ray.ObjectRef
@@ -41,7 +57,11 @@ class _Run:
     logs: list[str] = field(default_factory=list)
     events: dict[str, Any] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    watcher: asyncio.Task[None] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    settling: bool = False
+    finished_at: float | None = None  # wall clock, for retention
+    size: int | None = None
+    node_ids: list[str] = field(default_factory=list)
 
 
 class TaskOwner:
@@ -49,7 +69,12 @@ class TaskOwner:
 
     def __init__(self) -> None:
         self._runs: dict[str, _Run] = {}
-        self._reaper: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
+
+    def _start_background(self) -> None:
+        if not self._background:
+            loop = asyncio.get_running_loop()
+            self._background = [loop.create_task(self._watch_loop()), loop.create_task(self._reap_abandoned())]
 
     async def submit(self, key: str, payload: list[ray.ObjectRef], options: dict[str, Any], lease_s: float) -> str:
         """Start ``worker.run_callable`` for ``payload`` (wrapped in a list so it stays a ref)."""
@@ -57,22 +82,49 @@ class TaskOwner:
             raise KeyError(f"Ray task key {key!r} is already in use")
         me = ray.get_runtime_context().current_actor
         ref = worker.run_callable.options(**options).remote(payload[0], key, me)
-        run = _Run(key=key, ref=ref, lease_s=lease_s)
-        self._runs[key] = run
-        run.watcher = asyncio.get_running_loop().create_task(self._watch(run))
-        if self._reaper is None:
-            self._reaper = asyncio.get_running_loop().create_task(self._reap_abandoned())
+        self._runs[key] = _Run(key=key, ref=ref, lease_s=lease_s)
+        self._start_background()
         return ref.hex()
 
-    async def _watch(self, run: _Run) -> None:
+    async def _watch_loop(self) -> None:
+        """Notice finished runs without fetching their (possibly huge) results into this actor."""
+        while True:
+            await asyncio.sleep(_WATCH_INTERVAL_S)
+            pending = [r for r in self._runs.values() if not r.done.is_set() and not r.settling]
+            if not pending:
+                continue
+            ready, _ = ray.wait([r.ref for r in pending], num_returns=len(pending), timeout=0, fetch_local=False)
+            ready_set = set(ready)
+            for run in pending:
+                if run.ref in ready_set:
+                    run.settling = True
+                    asyncio.get_running_loop().create_task(self._settle(run))
+
+    async def _settle(self, run: _Run) -> None:
+        """Decide success or failure; only small (inlined) results are ever fetched here."""
         try:
-            await run.ref
-            run.state = "finished"
-        except ray.exceptions.TaskCancelledError:
-            run.state = "cancelled"
-        except Exception as exc:  # noqa: BLE001 - any remote error is kept as text for the Airflow log
-            run.state = "cancelled" if run.state == "cancelled" else "failed"
-            run.error = str(exc)
+            info = ray.experimental.get_object_locations([run.ref]).get(run.ref) or {}
+        except Exception:  # noqa: BLE001 - fall back to fetching, which is right for small objects
+            info = {}
+        size = info.get("object_size") or None
+        in_store = bool(size) and bool(info.get("node_ids") or info.get("did_spill"))
+        run.size, run.node_ids = size, list(info.get("node_ids") or [])
+        if in_store and run.state != "cancelled" and "returned_type" in run.events:
+            state = "finished"  # errors are small objects; a large stored result is a value
+        else:
+            try:
+                await run.ref
+                state = "finished"
+            except ray.exceptions.TaskCancelledError:
+                state = "cancelled"
+            except Exception as exc:  # noqa: BLE001 - any remote error is kept as text for the Airflow log
+                state = "failed"
+                run.error = str(exc)
+        if run.state == "cancelled":
+            state = "cancelled"
+        run.state = state
+        run.finished_at = time.time()
+        run.done.set()
         run.changed.set()
 
     async def _reap_abandoned(self) -> None:
@@ -81,7 +133,7 @@ class TaskOwner:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for run in list(self._runs.values()):
-                if run.state == "running" and now - run.last_seen > run.lease_s:
+                if run.state == "running" and not run.done.is_set() and now - run.last_seen > run.lease_s:
                     run.state = "cancelled"
                     run.error = f"no Airflow process polled this run for {run.lease_s:.0f}s; cancelled"
                     ray.cancel(run.ref, force=True, recursive=True)
@@ -106,21 +158,93 @@ class TaskOwner:
         if run is None:
             return {"state": "unknown", "logs": [], "log_offset": log_offset, "events": {}, "error": None}
         run.last_seen = time.monotonic()
-        if run.state == "running" and len(run.logs) <= log_offset:
+        if not run.done.is_set() and len(run.logs) <= log_offset:
             run.changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(run.changed.wait(), timeout)
-            except TimeoutError:
-                pass
         run.last_seen = time.monotonic()
         new_logs = run.logs[log_offset:]
+        state = run.state if run.done.is_set() or run.state == "cancelled" else "running"
         return {
-            "state": run.state,
+            "state": state,
             "logs": new_logs,
             "log_offset": log_offset + len(new_logs),
             "events": dict(run.events),
             "error": run.error,
         }
+
+    def _describe(self, run: _Run) -> dict[str, Any]:
+        meta = dict(run.events.get("described") or {})
+        return {"key": run.key, "state": run.state, "size": run.size or meta.get("size_estimate"),
+                "node_ids": run.node_ids, "meta": meta, "finished_at": run.finished_at}
+
+    async def describe(self, key: str) -> dict[str, Any]:
+        """Where and what the finished object for ``key`` is (for the XCom reference)."""
+        run = self._runs.get(key)
+        if run is None:
+            raise KeyError(f"no Ray object under key {key!r}")
+        await run.done.wait()
+        return self._describe(run)
+
+    async def split(self, key: str, names: list[Any] | None) -> list[dict[str, Any]]:
+        """Replace the list/dict object under ``key`` by one object per item (keys ``key#i``).
+
+        Each item is then addressable alone: a mapped task or one of ``multiple_outputs``
+        gets only its item. The whole object is released once the items exist.
+        """
+        run = self._runs.get(key)
+        if run is None:
+            raise KeyError(f"no Ray object under key {key!r}")
+        count = len(names) if names is not None else int(run.events.get("described", {}).get("length") or 0)
+        items: list[_Run] = []
+        if count:
+            refs = worker.split_items.options(num_returns=count + 1, name=f"split:{key}").remote(run.ref, names)
+            metas = await refs[-1]
+            for i, (ref, meta) in enumerate(zip(refs[:-1], metas, strict=True)):
+                item = _Run(key=f"{key}#{i}", ref=ref, lease_s=run.lease_s, state="finished",
+                            events={"described": meta}, finished_at=time.time())
+                item.done.set()
+                items.append(item)
+            await self._locate(items)
+        for item in items:
+            self._runs[item.key] = item
+        self._runs.pop(key, None)
+        return [self._describe(item) for item in items]
+
+    async def _locate(self, runs: list[_Run]) -> None:
+        pending = [r.ref for r in runs]
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0, fetch_local=False)
+            if pending:
+                await asyncio.sleep(_WATCH_INTERVAL_S)
+        with contextlib.suppress(Exception):
+            infos = ray.experimental.get_object_locations([r.ref for r in runs])
+            for run in runs:
+                info = infos.get(run.ref) or {}
+                run.size = info.get("object_size") or run.size
+                run.node_ids = list(info.get("node_ids") or [])
+
+    async def adopt(self, key: str, payload: list[ray.ObjectRef], described: dict[str, Any]) -> dict[str, Any]:
+        """Take ownership of a value ``ray.put`` by a short-lived process (a plain task's large XCom)."""
+        if key in self._runs:
+            raise KeyError(f"Ray object key {key!r} is already in use")
+        ref = worker.adopt.options(name=f"adopt:{key}").remote(payload)
+        run = _Run(key=key, ref=ref, lease_s=0.0, state="finished", events={"described": described})
+        await self._locate([run])
+        try:
+            await self._check_ok(ref)
+        except Exception as exc:
+            raise RuntimeError(f"could not copy the value for {key!r} into the object store: {exc}") from exc
+        run.finished_at = time.time()
+        run.done.set()
+        self._runs[key] = run
+        return self._describe(run)
+
+    @staticmethod
+    async def _check_ok(ref: ray.ObjectRef) -> None:
+        info = ray.experimental.get_object_locations([ref]).get(ref) or {}
+        if not (info.get("object_size") and (info.get("node_ids") or info.get("did_spill"))):
+            await ref  # small or failed: fetching is cheap and surfaces the error
 
     async def get(self, key: str) -> list[ray.ObjectRef]:
         """The result ref, wrapped in a list so Ray does not resolve it on the way."""
@@ -129,16 +253,20 @@ class TaskOwner:
             raise KeyError(f"no Ray object under key {key!r} (released, or the owner actor restarted)")
         return [run.ref]
 
+    async def get_many(self, keys: list[str]) -> list[ray.ObjectRef | None]:
+        """Refs for ``keys`` (``None`` where a key is unknown); a list, so Ray leaves them unresolved."""
+        return [run.ref if (run := self._runs.get(k)) is not None else None for k in keys]
+
     async def cancel(self, key: str) -> bool:
         """Cancel the running task for ``key`` and everything it spawned."""
         run = self._runs.get(key)
-        if run is None or run.state != "running":
+        if run is None or run.done.is_set():
             return False
         run.state = "cancelled"
         ray.cancel(run.ref, force=True, recursive=True)
-        if run.watcher is not None:
-            # Returns once Ray reports the task ended, so callers know nothing still runs.
-            await asyncio.wait([run.watcher], timeout=10.0)
+        # Returns once Ray reports the task ended, so callers know nothing still runs.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(run.done.wait(), 10.0)
         run.changed.set()
         return True
 
@@ -149,8 +277,75 @@ class TaskOwner:
     async def keys(self) -> list[str]:
         return list(self._runs)
 
+    async def inventory(self) -> dict[str, dict[str, Any]]:
+        """Every key with its state, finish time and size: what garbage collection decides on."""
+        return {k: {"state": r.state if r.done.is_set() else "running", "finished_at": r.finished_at,
+                    "size": r.size} for k, r in self._runs.items()}
+
     async def ping(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+
+class OwnerFactory:
+    """Lives in the keeper's job and creates owner actors there (see ``keeper.py``)."""
+
+    def ensure(self, namespace: str, shard: int) -> str:
+        handle = _create_owner(namespace, shard)
+        return ray.get(handle.ping.remote())
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+class KeeperLauncher:
+    """A detached actor that starts the keeper driver inside the cluster and restarts it if it died."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_path = os.path.join(tempfile.gettempdir(), f"airflow-ray-keeper-{os.getpid()}.log")
+
+    def ensure(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        if _factory_or_none() is not None:
+            return "running"
+        if self._proc is None or self._proc.poll() is not None:
+            env = {k: v for k, v in os.environ.items() if k not in ("RAY_JOB_ID", "RAY_ADDRESS")}
+            with open(self._log_path, "ab") as out:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "airflow_ray_provider.keeper", ray.get_runtime_context().gcs_address],
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                )
+        while time.monotonic() < deadline:
+            if _factory_or_none() is not None:
+                return "started"
+            if self._proc.poll() is not None:
+                with open(self._log_path, "rb") as f:
+                    tail = f.read()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"the keeper exited with code {self._proc.returncode}: {tail}")
+            time.sleep(0.2)
+        raise TimeoutError(f"the keeper did not start within {timeout:.0f}s; see {self._log_path}")
+
+
+def _factory_or_none() -> Any:
+    try:
+        return ray.get_actor(FACTORY_NAME, namespace=SYSTEM_NAMESPACE)
+    except ValueError:
+        return None
+
+
+def _keeper_factory() -> Any:
+    factory = _factory_or_none()
+    if factory is not None:
+        return factory
+    launcher = ray.remote(KeeperLauncher).options(
+        name=LAUNCHER_NAME, namespace=SYSTEM_NAMESPACE, lifetime="detached", get_if_exists=True,
+        num_cpus=0, max_restarts=-1,
+    ).remote()
+    ray.get(launcher.ensure.remote(KEEPER_START_TIMEOUT_S), timeout=KEEPER_START_TIMEOUT_S + 30)
+    factory = _factory_or_none()
+    if factory is None:
+        raise RuntimeError("the keeper reported ready but its factory actor is gone")
+    return factory
 
 
 def shard_for(key: str, shards: int) -> int:
@@ -161,10 +356,8 @@ def owner_name(shard: int) -> str:
     return f"{OWNER_NAME_PREFIX}-{shard}"
 
 
-def get_owner(namespace: str, shard: int) -> ray.actor.ActorHandle:
-    """The owner actor for ``shard``, created on first use (``get_if_exists`` makes the race safe)."""
-    actor_cls = ray.remote(TaskOwner)
-    return actor_cls.options(
+def _create_owner(namespace: str, shard: int) -> Any:
+    return ray.remote(TaskOwner).options(
         name=owner_name(shard),
         namespace=namespace,
         lifetime="detached",
@@ -173,3 +366,20 @@ def get_owner(namespace: str, shard: int) -> ray.actor.ActorHandle:
         num_cpus=0,
         max_restarts=-1,
     ).remote()
+
+
+def get_owner(namespace: str, shard: int) -> Any:
+    """The owner actor for ``shard``, created through the keeper on first use.
+
+    Without a keeper (it could not start) the caller creates the owner itself: results
+    still outlive the caller, but Ray no longer keeps warm workers between tasks.
+    """
+    with contextlib.suppress(ValueError):
+        return ray.get_actor(owner_name(shard), namespace=namespace)
+    try:
+        ray.get(_keeper_factory().ensure.remote(namespace, shard), timeout=KEEPER_START_TIMEOUT_S)
+        return ray.get_actor(owner_name(shard), namespace=namespace)
+    except Exception as exc:  # noqa: BLE001 - degrade to a slower but correct owner
+        log.warning("Ray owner keeper unavailable (%s); creating owner %s from this process, so Ray "
+                    "workers will not be reused between tasks", exc, owner_name(shard))
+        return _create_owner(namespace, shard)

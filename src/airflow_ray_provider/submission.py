@@ -37,7 +37,8 @@ class RayTaskRun:
         self.task_label = task_label
         self.lease_s = lease_s
         self.log = log
-        self.owner = owner_mod.get_owner(namespace, owner_mod.shard_for(key, shards))
+        self.shard = owner_mod.shard_for(key, shards)
+        self.owner = owner_mod.get_owner(namespace, self.shard)
         self.events: dict[str, Any] = {}
         self.submitted = False
         self.finished = False

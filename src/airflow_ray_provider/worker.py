@@ -21,7 +21,27 @@ from typing import Any
 import ray
 from ray import cloudpickle
 
+from airflow_ray_provider.describe import describe
+
 _FLUSH_INTERVAL_S = 0.2
+MAX_SPLIT_ITEMS = 100_000  # more than Airflow's max_map_length allows
+
+
+class UpstreamRef:
+    """An upstream task's object, passed by reference; ``label`` names it in errors."""
+
+    __slots__ = ("label", "ref")
+
+    def __init__(self, ref: ray.ObjectRef, label: str) -> None:
+        self.ref = ref
+        self.label = label
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (UpstreamRef, (self.ref, self.label))
+
+
+class UpstreamObjectLost(Exception):
+    """An upstream result is gone from the object store (its node or owner died)."""
 
 
 class _LogSink:
@@ -120,7 +140,18 @@ def _captured_output(sink: _LogSink) -> Iterator[None]:
 
 
 def resolve_refs(value: Any) -> Any:
-    """Replace ``ObjectRef``s nested in lists, tuples and dicts by their values."""
+    """Replace ``ObjectRef``s and ``UpstreamRef``s nested in lists, tuples and dicts by their values.
+
+    Ray maps the object zero-copy when it is on this node and transfers it otherwise.
+    """
+    if isinstance(value, UpstreamRef):
+        try:
+            return ray.get(value.ref)
+        except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
+            raise UpstreamObjectLost(
+                f"The result of {value.label} is gone from the Ray object store ({type(exc).__name__}); "
+                f"rerun that task, or mark it checkpoint=True so it can be restored"
+            ) from None
     if isinstance(value, ray.ObjectRef):
         return ray.get(value)
     if isinstance(value, list):
@@ -146,7 +177,27 @@ def run_callable(payload: tuple[bytes, tuple[Any, ...], dict[str, Any]], key: st
         with _captured_output(sink):
             result = fn(*args, **kwargs)
         cls = type(result)
-        sink.event(returned_type=f"{cls.__module__}.{cls.__qualname__}")
+        events: dict[str, Any] = {"returned_type": f"{cls.__module__}.{cls.__qualname__}",
+                                  "described": describe(result)}
+        if isinstance(result, dict) and len(result) <= MAX_SPLIT_ITEMS and all(isinstance(k, str) for k in result):
+            events["names"] = list(result)
+        sink.event(**events)
         return result
     finally:
         sink.close()
+
+
+@ray.remote(num_cpus=0)
+def split_items(value: Any, names: list[Any] | None) -> tuple[Any, ...]:
+    """Return each item of a list/tuple (``names`` None) or dict as its own object, then their summaries.
+
+    Called with ``num_returns=len(items) + 1`` so every item becomes a separately owned object.
+    """
+    items = list(value) if names is None else [value[name] for name in names]
+    return (*items, [describe(item) for item in items])
+
+
+@ray.remote(num_cpus=0)
+def adopt(payload: list[ray.ObjectRef]) -> Any:
+    """Copy an object into one the caller (the owner actor) owns; used for plain tasks' large XComs."""
+    return ray.get(payload[0])
