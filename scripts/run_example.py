@@ -25,6 +25,9 @@ def main(dag_id: str) -> int:
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "example_dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # Task results stay in Ray's object store; the metadata DB keeps references (README: XCom backend).
+        "AIRFLOW__CORE__XCOM_BACKEND": os.environ.get("AIRFLOW__CORE__XCOM_BACKEND",
+                                                      "airflow_ray_provider.xcom.RayXComBackend"),
     }
     HOME.mkdir(parents=True, exist_ok=True)
     airflow = [sys.executable, "-m", "airflow"]

@@ -107,15 +107,18 @@ def test_many_runs_are_in_flight_at_once(ray_cluster: str) -> None:
         finally:
             run.release()
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    # Round 1 starts the Ray workers (slow when the machine is busy); the keeper keeps them
+    # warm, so round 2 measures the owner actor, not worker start-up.
+    for _ in range(2):
+        spans.clear()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
     assert not errors, errors
     assert len(spans) == 8
-    # Most overlap at some instant (a lock would give 1); Ray starts a worker per task,
-    # which spreads the start times a little on a 2-core machine.
+    # Most overlap at some instant (a lock would give 1).
     peak = max(sum(start <= t < end for start, end in spans.values()) for t, _ in spans.values())
     assert peak >= 4, f"at most {peak} runs were in flight at once: {sorted(spans.values())}"
 
