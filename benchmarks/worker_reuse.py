@@ -55,7 +55,7 @@ def main() -> int:
     p.add_argument("--gap", type=float, default=0.5, help="seconds between tasks (default 0.5)")
     p.add_argument("--tasks", type=int, default=6, help="tasks per driver (default 6)")
     p.add_argument("--drivers", type=int, default=2, help="driver processes after the first (default 2)")
-    p.add_argument("--keeper", action="store_true", help="create the owner actor from a driver that stays alive")
+    p.add_argument("--keeper", action="store_true", help="also keep a long-lived driver (the original experiment)")
     args = p.parse_args()
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     from airflow_ray_provider.local_cluster import LocalRayCluster
@@ -85,7 +85,7 @@ def main() -> int:
             print(f"driver {d + 1}: worker pids {pids}; waits (s) {waits}")
         total = args.drivers * args.tasks
         print(f"{len(all_pids)} Ray worker process(es) for {total} tasks "
-              f"({'owner keeper on' if args.keeper else 'owner created by a driver that exited'})")
+              f"({'extra long-lived driver on' if args.keeper else 'first driver exited; owners via the provider'})")
     finally:
         if keeper is not None:
             keeper.terminate()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,10 @@ def test_concurrent_first_callers_start_exactly_one_head(tmp_path: Path) -> None
         assert state.gcs_port != 6379
         assert _count(cluster, "gcs_server", state.session_id) == 1
         assert _count(cluster, "raylet", state.session_id) == 1
+        # No process of the head is told one of Ray's fixed default ports (other services hold them).
+        fixed = re.compile(r"(?:port|address)[=:](?:\S*:)?(6379|8265|10001|52365)\b")
+        told = [" ".join(p.cmdline()) for p in cluster._session_processes(state.session_id)]
+        assert not [c for c in told if fixed.search(c)], [c for c in told if fixed.search(c)]
         # The head is not tied to the processes that started it: they have all exited.
         assert port_open("127.0.0.1", state.gcs_port)
     finally:

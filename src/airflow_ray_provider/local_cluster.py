@@ -193,11 +193,12 @@ class LocalRayCluster:
             f"--node-manager-port={node_manager}",
             f"--object-manager-port={object_manager}",
             f"--include-dashboard={'true' if self.include_dashboard else 'false'}",
+            # Also without the dashboard UI: Ray still runs its dashboard process, told port 8265.
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
             f"--temp-dir={self.temp_dir}",
             "--disable-usage-stats",
         ]
-        if self.include_dashboard:
-            cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
         if self.num_gpus is not None:

@@ -184,6 +184,7 @@ class TaskOwner:
         if run is None:
             raise KeyError(f"no Ray object under key {key!r}")
         await run.done.wait()
+        run.logs = []  # the Airflow side has read them; the object itself may be kept for days
         return self._describe(run)
 
     async def split(self, key: str, names: list[Any] | None) -> list[dict[str, Any]]:
@@ -208,7 +209,7 @@ class TaskOwner:
             await self._locate(items)
         for item in items:
             self._runs[item.key] = item
-        self._runs.pop(key, None)
+        self._runs.pop(key, None)  # releases the whole object and its logs
         return [self._describe(item) for item in items]
 
     async def _locate(self, runs: list[_Run]) -> None:
