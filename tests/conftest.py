@@ -27,6 +27,8 @@ os.environ.update(
     AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{_HOME}/airflow.db",
     AIRFLOW__CORE__UNIT_TEST_MODE="False",
     RAY_USAGE_STATS_ENABLED="0",
+    # Tests run the XCom gc themselves; test_xcom_backend turns the background one on where it tests it.
+    AIRFLOW__RAY__XCOM_GC_INTERVAL="-1",
 )
 os.environ.pop("AIRFLOW_CONN_RAY_DEFAULT", None)
 

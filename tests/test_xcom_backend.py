@@ -249,6 +249,26 @@ def test_retention_releases_objects_of_finished_runs() -> None:
         value_of(stored("xcom_lifecycle", result["run_id"], "blob"))
 
 
+def test_a_finished_run_starts_the_gc_in_the_background(airflow_home: Path) -> None:
+    """The provider's listener runs ``airflow-ray xcom gc`` when a DAG run ends (here: retention 0)."""
+    result, output = run_py("""
+        import os, time, ray
+        from airflow_ray_provider.hooks import RayHook
+        from airflow_ray_provider.owner import get_owner
+        dr = xcom_dags.xcom_lifecycle_dag.test(run_conf={"mb": 1})
+        owner = get_owner(RayHook().settings.namespace, 0)
+        mine = lambda: [k for k in ray.get(owner.keys.remote()) if k.startswith(f"xcom_lifecycle/{dr.run_id}/")]
+        log_path = os.path.join(os.environ["AIRFLOW_HOME"], "airflow-ray-xcom-gc.log")
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (os.path.exists(log_path) and "released" in open(log_path).read()):
+            time.sleep(1)  # wait for the background gc, so it cannot touch later tests' objects
+        emit(left=mine(), log=open(log_path).read() if os.path.exists(log_path) else "")
+    """, env={"AIRFLOW__RAY__XCOM_GC_INTERVAL": "0", "AIRFLOW__RAY__XCOM_RETENTION": "0"})
+    assert "Started Ray XCom gc" in output
+    assert re.search(r"past retention; released \d+", result["log"]), result["log"]
+    assert result["left"] == [], result
+
+
 # -- references read from the DB are validated (no Ray, no unpickling) ------------------------------
 GOOD = {"__airflow_ray__": "object", "version": 1, "conn_id": "ray_default", "namespace": "airflow", "owner": 0,
         "origin": {"dag_id": "d", "task_id": "t", "run_id": "r", "map_index": -1}, "key": "d/r/t/-1/1/ab",

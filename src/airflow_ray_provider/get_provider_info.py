@@ -92,6 +92,15 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "ray_default",
                         "default": "ray_default",
                     },
+                    "xcom_gc_interval": {
+                        "description": "When a DAG run finishes, the provider's listener starts `airflow-ray xcom gc` "
+                        "in the background, at most once per this many seconds. Negative: never (run the command "
+                        "from cron instead).",
+                        "version_added": "0.1.0",
+                        "type": "float",
+                        "example": "300",
+                        "default": "300",
+                    },
                     "xcom_retention": {
                         "description": "Seconds after a DAG run finished before `airflow-ray xcom gc` releases its "
                         "objects from Ray. Negative: keep them until their XCom rows are deleted.",

@@ -1,0 +1,95 @@
+"""The provider's Airflow plugin: a listener that runs ``airflow-ray xcom gc`` when DAG runs finish.
+
+Airflow does not tell XCom backends when DAG runs are deleted or age out, so the objects
+behind them would stay in Ray. The scheduler (and ``dag.test()``) reports every finished run
+to listeners; this one starts the gc in a separate process, at most one at a time and at
+most every ``[ray] xcom_gc_interval`` seconds, so the scheduler itself never joins a Ray
+cluster and never waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from airflow.listeners import hookimpl
+from airflow.plugins_manager import AirflowPlugin
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GC_INTERVAL_S = 300.0
+
+
+class _GcTrigger:
+    """Starts ``airflow-ray xcom gc`` in the background, rate-limited."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def _enabled() -> float | None:
+        from airflow.configuration import conf
+
+        from airflow_ray_provider.xcom import RayXComBackend
+
+        try:
+            backend = conf.getimport("core", "xcom_backend")
+        except Exception:  # noqa: BLE001 - a broken setting is reported by Airflow itself
+            return None
+        if not (isinstance(backend, type) and issubclass(backend, RayXComBackend)):
+            return None
+        interval = conf.getfloat("ray", "xcom_gc_interval", fallback=DEFAULT_GC_INTERVAL_S)
+        return None if interval < 0 else interval
+
+    def maybe_start(self) -> bool:
+        interval = self._enabled()
+        if interval is None:
+            return False
+        with self._lock:
+            now = time.monotonic()
+            if self._proc is not None and self._proc.poll() is None:
+                return False  # one gc at a time
+            if self._last is not None and now - self._last < interval:
+                return False
+            self._last = now
+            from airflow.configuration import conf
+
+            conn_id = conf.get("ray", "xcom_conn_id", fallback="ray_default") or "ray_default"
+            log_path = os.path.join(os.environ.get("AIRFLOW_HOME", "."), "airflow-ray-xcom-gc.log")
+            with open(log_path, "ab") as out:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "airflow_ray_provider.cli", "xcom", "gc", "--conn-id", conn_id],
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                )
+            log.info("Started Ray XCom gc (pid %s, log %s)", self._proc.pid, log_path)
+            return True
+
+
+class _DagRunListener:
+    def __init__(self) -> None:
+        self.trigger = _GcTrigger()
+
+    @hookimpl
+    def on_dag_run_success(self, dag_run: Any, msg: str) -> None:
+        self.trigger.maybe_start()
+
+    @hookimpl
+    def on_dag_run_failed(self, dag_run: Any, msg: str) -> None:
+        self.trigger.maybe_start()
+
+
+dag_run_listener = _DagRunListener()
+
+
+class RayProviderPlugin(AirflowPlugin):
+    """Registers the gc listener with Airflow."""
+
+    name = "airflow_ray_provider"
+    listeners = [dag_run_listener]
