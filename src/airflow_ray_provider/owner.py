@@ -93,7 +93,12 @@ class TaskOwner:
             pending = [r for r in self._runs.values() if not r.done.is_set() and not r.settling]
             if not pending:
                 continue
-            ready, _ = ray.wait([r.ref for r in pending], num_returns=len(pending), timeout=0, fetch_local=False)
+            try:
+                ready, _ = ray.wait([r.ref for r in pending], num_returns=len(pending), timeout=0,
+                                    fetch_local=False)
+            except Exception:  # one bad round must not stop watching every run
+                log.exception("Watching %d Ray runs failed; retrying", len(pending))
+                continue
             ready_set = set(ready)
             for run in pending:
                 if run.ref in ready_set:
@@ -136,7 +141,10 @@ class TaskOwner:
                 if run.state == "running" and not run.done.is_set() and now - run.last_seen > run.lease_s:
                     run.state = "cancelled"
                     run.error = f"no Airflow process polled this run for {run.lease_s:.0f}s; cancelled"
-                    ray.cancel(run.ref, force=True, recursive=True)
+                    try:
+                        ray.cancel(run.ref, force=True, recursive=True)
+                    except Exception:  # e.g. it finished meanwhile; the others still get reaped
+                        log.exception("Cancelling abandoned Ray run %s failed", run.key)
                     run.changed.set()
 
     async def append_log(self, key: str, chunk: str, events: dict[str, Any] | None = None) -> None:
@@ -196,7 +204,10 @@ class TaskOwner:
         run = self._runs.get(key)
         if run is None:
             raise KeyError(f"no Ray object under key {key!r}")
-        count = len(names) if names is not None else int(run.events.get("described", {}).get("length") or 0)
+        length = run.events.get("described", {}).get("length")
+        if names is None and length is None:
+            raise ValueError(f"the object under {key!r} has no known length, so it cannot be split")
+        count = len(names) if names is not None else int(length)
         items: list[_Run] = []
         if count:
             refs = worker.split_items.options(num_returns=count + 1, name=f"split:{key}").remote(run.ref, names)
