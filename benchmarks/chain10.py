@@ -18,11 +18,8 @@ import os
 import platform
 import re
 import select
-import shlex
 import shutil
-import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +28,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from benchutil import cpu_model, med, provider_commit, sh
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -61,24 +60,6 @@ class Run:
     @property
     def later_tasks_s(self) -> list[float]:
         return [v for k, v in self.task_s.items() if k != "t1"]
-
-
-def sh(cmd: list[str], env: dict[str, str], timeout: float, log: Path | None = None) -> tuple[int, str]:
-    """Run ``cmd`` in its own process group; kill that group on timeout."""
-    out = open(log, "w") if log else subprocess.PIPE
-    try:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            stdout, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise RuntimeError(f"timed out after {timeout:.0f}s: {shlex.join(cmd)}") from None
-    finally:
-        if log:
-            out.close()
-    return proc.returncode, log.read_text() if log else stdout
 
 
 def parse_log(text: str, run: Run, started_at: float) -> None:
@@ -325,31 +306,6 @@ class Bench:
             out.append(f"| `{row['call'].strip()}` | {row['calls']} | {row['first_s'] * 1000:.1f} ms | {later} | "
                        f"{row['total_s']:.2f}s |")
         return out
-
-
-def med(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def provider_commit() -> str:
-    try:
-        head = subprocess.run(["git", "-C", str(HERE.parent), "log", "-1", "--format=%h", "--", "src"],
-                              capture_output=True, text=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--", "src"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return f"{head or 'unknown'}{' + uncommitted changes in src/' if dirty else ''}"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

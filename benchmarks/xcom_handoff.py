@@ -49,7 +49,6 @@ import shlex
 import shutil
 import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from importlib import metadata
 from pathlib import Path
 
 import psutil
+from benchutil import cpu_model, med, provider_commit, sh
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -163,19 +163,6 @@ def run_measured(cmd: list[str], env: dict[str, str], timeout: float, log: Path,
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     return Measured(proc.returncode, wall, usage.ru_maxrss * 1024, peak, timed_out)  # ru_maxrss is KiB on Linux
-
-
-def sh(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
-    """Run ``cmd`` in its own process group; kill that group on timeout."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise RuntimeError(f"timed out after {timeout:.0f}s: {shlex.join(cmd)}") from None
-    return proc.returncode, out
 
 
 def markers(text: str) -> list[dict[str, object]]:
@@ -619,36 +606,11 @@ def md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def med(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def version(dist: str) -> str:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "not installed"
-
-
-def provider_commit() -> str:
-    try:
-        head = subprocess.run(["git", "-C", str(HERE.parent), "log", "-1", "--format=%h", "--", "src"],
-                              capture_output=True, text=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--", "src"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return f"commit {head or 'unknown'}{' + uncommitted changes' if dirty else ''}"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
