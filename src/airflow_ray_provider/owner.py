@@ -62,6 +62,7 @@ class _Run:
     finished_at: float | None = None  # wall clock, for retention
     size: int | None = None
     node_ids: list[str] = field(default_factory=list)
+    in_store: bool = False  # held in the shared-memory store (or spilled), not inlined: a value, never an error
 
 
 class TaskOwner:
@@ -107,14 +108,8 @@ class TaskOwner:
 
     async def _settle(self, run: _Run) -> None:
         """Decide success or failure; only small (inlined) results are ever fetched here."""
-        try:
-            info = ray.experimental.get_object_locations([run.ref]).get(run.ref) or {}
-        except Exception:  # noqa: BLE001 - fall back to fetching, which is right for small objects
-            info = {}
-        size = info.get("object_size") or None
-        in_store = bool(size) and bool(info.get("node_ids") or info.get("did_spill"))
-        run.size, run.node_ids = size, list(info.get("node_ids") or [])
-        if in_store and run.state != "cancelled" and "returned_type" in run.events:
+        _locate_now([run])
+        if run.in_store and run.state != "cancelled" and "returned_type" in run.events:
             state = "finished"  # errors are small objects; a large stored result is a value
         else:
             try:
@@ -229,12 +224,7 @@ class TaskOwner:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0, fetch_local=False)
             if pending:
                 await asyncio.sleep(_WATCH_INTERVAL_S)
-        with contextlib.suppress(Exception):
-            infos = ray.experimental.get_object_locations([r.ref for r in runs])
-            for run in runs:
-                info = infos.get(run.ref) or {}
-                run.size = info.get("object_size") or run.size
-                run.node_ids = list(info.get("node_ids") or [])
+        _locate_now(runs)
 
     async def adopt(self, key: str, payload: list[ray.ObjectRef], described: dict[str, Any]) -> dict[str, Any]:
         """Take ownership of a value ``ray.put`` by a short-lived process (a plain task's large XCom)."""
@@ -244,19 +234,14 @@ class TaskOwner:
         run = _Run(key=key, ref=ref, lease_s=0.0, state="finished", events={"described": described})
         await self._locate([run])
         try:
-            await self._check_ok(ref)
+            if not run.in_store:
+                await ref  # small or failed: fetching is cheap and surfaces the error
         except Exception as exc:
             raise RuntimeError(f"could not copy the value for {key!r} into the object store: {exc}") from exc
         run.finished_at = time.time()
         run.done.set()
         self._runs[key] = run
         return self._describe(run)
-
-    @staticmethod
-    async def _check_ok(ref: ray.ObjectRef) -> None:
-        info = ray.experimental.get_object_locations([ref]).get(ref) or {}
-        if not (info.get("object_size") and (info.get("node_ids") or info.get("did_spill"))):
-            await ref  # small or failed: fetching is cheap and surfaces the error
 
     async def get(self, key: str) -> list[ray.ObjectRef]:
         """The result ref, wrapped in a list so Ray does not resolve it on the way."""
@@ -336,6 +321,22 @@ class KeeperLauncher:
                 raise RuntimeError(f"the keeper exited with code {self._proc.returncode}: {tail}")
             time.sleep(0.2)
         raise TimeoutError(f"the keeper did not start within {timeout:.0f}s; see {self._log_path}")
+
+
+def _locate_now(runs: list[_Run]) -> None:
+    """Record size, nodes and whether each finished object sits in the store, without fetching it.
+
+    If Ray cannot say, ``in_store`` stays False and callers fetch, which is right for small objects.
+    """
+    try:
+        infos = ray.experimental.get_object_locations([r.ref for r in runs])
+    except Exception:  # noqa: BLE001 - see the docstring
+        return
+    for run in runs:
+        info = infos.get(run.ref) or {}
+        run.size = info.get("object_size") or run.size
+        run.node_ids = list(info.get("node_ids") or [])
+        run.in_store = bool(run.size) and bool(run.node_ids or info.get("did_spill"))
 
 
 def _factory_or_none() -> Any:
