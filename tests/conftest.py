@@ -71,6 +71,50 @@ def ray_cluster() -> Iterator[str]:
         cluster.stop()
 
 
+BUCKET = "airflow-ray-ckpt"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 endpoint on loopback (moto in server mode) with one bucket and two ``aws`` connections.
+
+    ``ckpt_s3`` reaches it; ``ckpt_s3_down`` names a port where nothing listens.
+    """
+    import time
+
+    from airflow_ray_provider.local_cluster import free_ports, port_open
+
+    port, dead_port = free_ports(2)
+    log = open(_HOME / "moto.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while not port_open("127.0.0.1", port, timeout=0.5):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"moto server did not start on {url}: see {_HOME / 'moto.log'}")
+        time.sleep(0.2)
+    s3_client(url).create_bucket(Bucket=BUCKET)
+    for conn_id, endpoint in (("CKPT_S3", url), ("CKPT_S3_DOWN", f"http://127.0.0.1:{dead_port}")):
+        os.environ[f"AIRFLOW_CONN_{conn_id}"] = json.dumps({
+            "conn_type": "aws", "login": "testing", "password": "testing",
+            "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        })
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def s3_client(url: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                        region_name="us-east-1")
+
+
 @pytest.fixture
 def connection(monkeypatch: pytest.MonkeyPatch):
     """Define an Airflow connection through the environment for one test."""

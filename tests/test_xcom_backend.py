@@ -8,11 +8,7 @@ session's SQLite metadata DB and Ray head, and prints what it measured as JSON.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -26,38 +22,9 @@ from airflow_ray_provider.reference import (
     parse_reference,
 )
 from airflow_ray_provider.xcom import RayXComBackend
+from tests.dag_runs import run_py
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-ROOT = Path(__file__).resolve().parent.parent
-BACKEND = "airflow_ray_provider.xcom.RayXComBackend"
-# Not importing tests.conftest here: it would make a new Airflow home for the subprocess.
-PRELUDE = """
-import json, resource, sys
-from tests.dags import xcom_dags
-def ti_states(dr):
-    from airflow.models.taskinstance import TaskInstance as TI
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-    with create_session() as s:
-        rows = s.execute(select(TI.task_id, TI.map_index, TI.state).where(
-            TI.dag_id == dr.dag_id, TI.run_id == dr.run_id)).all()
-    return {(t, m): getattr(st, "value", st) for t, m, st in rows}
-def emit(**values):
-    print("RESULT " + json.dumps(values, default=str), flush=True)
-"""
-
-
-def run_py(code: str, *, env: dict[str, str] | None = None, timeout: float = 900) -> tuple[dict[str, Any], str]:
-    """Run ``code`` with the Ray XCom backend enabled; return what it ``emit``-ted and its output."""
-    full_env = {**os.environ, "AIRFLOW__CORE__XCOM_BACKEND": BACKEND, "PYTHONPATH": str(ROOT), **(env or {})}
-    proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-    output = proc.stdout + proc.stderr
-    found = re.findall(r"^RESULT (.*)$", proc.stdout, re.M)
-    assert proc.returncode == 0 and found, output[-6000:]
-    return json.loads(found[-1]), output
-
-
 def stored(dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
     """The raw JSON the metadata DB holds for one XCom (what the UI and REST API read)."""
     from airflow.models.xcom import XComModel

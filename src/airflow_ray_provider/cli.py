@@ -1,4 +1,4 @@
-"""``airflow-ray``: the embedded local Ray head (``local start|stop|status``) and XCom upkeep (``xcom gc``)."""
+"""``airflow-ray``: the embedded Ray head (``local``), XCom upkeep (``xcom gc``), checkpoints (``checkpoints``)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,48 @@ def _parser() -> argparse.ArgumentParser:
                       "(default: [ray] xcom_retention; negative keeps them until their rows are deleted)")
     xcom.add_argument("--grace", type=float, default=600.0, help="seconds to keep unreferenced new objects")
     xcom.add_argument("--dry-run", action="store_true", help="report, release nothing")
+    ckpt = sub.add_parser("checkpoints", help="durable task checkpoints (checkpoint=True)")
+    ckpt.add_argument("action", choices=["list", "delete", "prune"],
+                      help="list them; delete one DAG run's; prune those older than the retention")
+    ckpt.add_argument("--ray-conn-id", default="ray_default", help="the ray connection whose checkpoint_path to use")
+    ckpt.add_argument("--path", help="checkpoint root instead of the connection's (e.g. s3://bucket/prefix)")
+    ckpt.add_argument("--conn-id", help="Airflow connection with the store's credentials (e.g. an aws connection)")
+    ckpt.add_argument("--dag-id", help="list: only this DAG; delete: required")
+    ckpt.add_argument("--run-id", help="delete: the DAG run whose checkpoints to delete")
+    ckpt.add_argument("--older-than", type=float, help="prune: seconds since the last write "
+                      "(default: [ray] checkpoint_retention)")
+    ckpt.add_argument("--dry-run", action="store_true", help="prune: report, delete nothing")
+    ckpt.add_argument("--json", action="store_true", help="list: print JSON")
     return parser
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
+    from airflow_ray_provider import checkpoint
+    from airflow_ray_provider.storage import checkpoint_retention, make_store, store_for
+
+    store = make_store(args.path, args.conn_id) if args.path else store_for(args.ray_conn_id, None, args.conn_id)
+    if args.action == "list":
+        rows = checkpoint.list_runs(store, args.dag_id)
+        if args.json:
+            print(json.dumps(rows))
+        for row in [] if args.json else rows:
+            print(f"{row['dag']}\t{row['run']}\t{row['task']}\t{row['map_index']}\t{row['bytes']}\t{row['uri']}")
+        return 0
+    if args.action == "delete":
+        if not args.dag_id or not args.run_id:
+            print("airflow-ray: checkpoints delete needs --dag-id and --run-id", file=sys.stderr)
+            return 2
+        count = checkpoint.delete_run(store, args.dag_id, args.run_id)
+        print(f"deleted the checkpoints of {count} task(s) of {args.dag_id} / {args.run_id}")
+        return 0
+    older = args.older_than if args.older_than is not None else checkpoint_retention()
+    if older < 0:
+        print("checkpoint retention is off ([ray] checkpoint_retention < 0); nothing pruned")
+        return 0
+    rows = checkpoint.prune(store, older, dry_run=args.dry_run)
+    print(("dry run: would have " if args.dry_run else "") + f"pruned {len(rows)} task checkpoint folder(s) "
+          f"({sum(r['bytes'] for r in rows)} bytes) not written for {older:.0f}s")
+    return 0
 
 
 def _xcom(args: argparse.Namespace) -> int:
@@ -42,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.group == "xcom":
         return _xcom(args)
+    if args.group == "checkpoints":
+        from airflow_ray_provider.checkpoint import CheckpointError
+
+        try:
+            return _checkpoints(args)
+        except CheckpointError as exc:
+            print(f"airflow-ray: {exc}", file=sys.stderr)
+            return 1
     cluster = LocalRayCluster(args.home, num_cpus=args.num_cpus, include_dashboard=args.dashboard)
     try:
         if args.action == "start":

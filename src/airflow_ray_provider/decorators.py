@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from airflow.sdk.bases.decorator import TaskDecorator
 
     from airflow_ray_provider.submission import RayTaskRun
+    from airflow_ray_provider.worker import CheckpointJob
 
 
 class RayDecoratedOperator(DecoratedOperator, PythonOperator):
@@ -39,6 +40,14 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
     :param runtime_env: Ray runtime environment, merged over the connection's default (templated).
     :param ray_max_retries: Ray-level retries on worker or node failure (Airflow's ``retries``
         still covers errors raised by the callable).
+    :param checkpoint: write the result durably (the Ray worker writes it before the task
+        succeeds), restore it when the object store lost it, and reuse it instead of
+        recomputing when the task runs again in the same DAG run with the same inputs.
+        Inside the callable, ``airflow_ray_provider.checkpoint.current()`` saves and loads progress.
+    :param checkpoint_path: the checkpoint root for this task (default: the ``ray``
+        connection's ``checkpoint_path`` extra, else ``$AIRFLOW_HOME/ray-checkpoints``).
+    :param checkpoint_conn_id: the Airflow connection with the store's credentials (e.g. ``aws``).
+    :param checkpoint_recompute: run the callable even if a matching checkpoint exists.
     """
 
     template_fields: Sequence[str] = ("templates_dict", "op_args", "op_kwargs", "runtime_env")
@@ -59,6 +68,10 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
         resources: Mapping[str, float] | None = None,
         runtime_env: Mapping[str, Any] | None = None,
         ray_max_retries: int | None = None,
+        checkpoint: bool = False,
+        checkpoint_path: str | None = None,
+        checkpoint_conn_id: str | None = None,
+        checkpoint_recompute: bool = False,
         **kwargs: Any,
     ) -> None:
         for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus), ("memory", memory)):
@@ -77,8 +90,16 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
         self.ray_resources = dict(resources or {})
         self.runtime_env = dict(runtime_env or {})
         self.ray_max_retries = ray_max_retries
+        for name, value in (("checkpoint_path", checkpoint_path), ("checkpoint_conn_id", checkpoint_conn_id)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"@task.ray {name} must be a non-empty string, got {value!r}")
+        self.checkpoint = bool(checkpoint)
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_conn_id = checkpoint_conn_id
+        self.checkpoint_recompute = bool(checkpoint_recompute)
         self._ray_run: RayTaskRun | None = None
         self._ray_identity: dict[str, Any] = {}
+        self._store_conn_id: str | None = None
         super().__init__(
             kwargs_to_upstream={"python_callable": python_callable, "op_args": op_args, "op_kwargs": op_kwargs},
             python_callable=python_callable,
@@ -103,6 +124,7 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
             "map_index": getattr(ti, "map_index", -1),
             "try_number": getattr(ti, "try_number", 1),
             "context": context,
+            "recompute": _recompute_requested(context, self.task_id),
         }
         return super().execute(context)
 
@@ -150,7 +172,9 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
         )
         kwargs = self._portable_kwargs()
         args = tuple(self._materialize(a) for a in self.op_args)
-        args, kwargs = by_reference((args, kwargs), self.ray_conn_id, settings.namespace, self.task_label)
+        job = self._checkpoint_job(settings) if self.checkpoint else None
+        inputs = inputs_digest((args, kwargs)) if job is not None else None
+        args, kwargs = by_reference((args, kwargs), self.ray_conn_id, settings.namespace, self.task_label, self.log)
         options: dict[str, Any] = {"name": self.task_label}
         for name, value in (("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus), ("memory", self.memory),
                             ("max_retries", self.ray_max_retries)):
@@ -169,7 +193,7 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
         self._ray_run = run
         keep = False
         try:
-            run.submit(self.python_callable, args, kwargs, options)
+            run.submit(self.python_callable, args, kwargs, options, job=job, inputs_digest=inputs)
             status = run.wait()
             if status["state"] != "finished":
                 run.raise_failure(status)
@@ -177,7 +201,10 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
                 return run.fetch()
             if not self.do_xcom_push:
                 return None
-            result = self._reference(run, Location(self.ray_conn_id, settings.namespace, run.shard))
+            written = run.events.get("checkpoint")
+            stored = None if job is None or not written else {
+                "uri": written["uri"], "sha256": written["sha256"], "conn_id": self._store_conn_id, "part": None}
+            result = self._reference(run, Location(self.ray_conn_id, settings.namespace, run.shard), stored)
             keep = True
             return result
         except BaseException:
@@ -188,7 +215,23 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
                 run.release()
             self._ray_run = None
 
-    def _reference(self, run: RayTaskRun, location: Location) -> RayObject | RayObjectList | RayObjectDict:
+    def _checkpoint_job(self, settings: Any) -> CheckpointJob:
+        from airflow_ray_provider.checkpoint import TaskCheckpoint, TaskKey
+        from airflow_ray_provider.storage import default_root, make_store
+        from airflow_ray_provider.worker import CheckpointJob
+
+        ident = self._ray_identity
+        root = self.checkpoint_path or settings.checkpoint_path or default_root()
+        self._store_conn_id = self.checkpoint_conn_id if self.checkpoint_conn_id is not None \
+            else settings.checkpoint_conn_id
+        key = TaskKey(self.dag_id, str(ident.get("run_id") or ""), self.task_id, int(ident.get("map_index", -1)))
+        mapped_over = not ident.get("is_mapped") and next(self.iter_mapped_dependants(), None) is not None
+        split = "dict" if self.multiple_outputs else "auto" if mapped_over else None
+        return CheckpointJob(TaskCheckpoint(make_store(root, self._store_conn_id), key), fingerprint="",
+                             reuse=not (self.checkpoint_recompute or ident.get("recompute")), split=split)
+
+    def _reference(self, run: RayTaskRun, location: Location,
+                   checkpoint: dict[str, Any] | None = None) -> RayObject | RayObjectList | RayObjectDict:
         """The XCom the backend stores: the result stays in Ray; lists and dicts are split when consumed by item."""
         import ray
 
@@ -203,15 +246,17 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
                             f"string keys; it returned {meta.get('type')}")
         if names is not None and (self.multiple_outputs or mapped_over):
             items = ray.get(run.owner.split.remote(run.key, names))
-            return RayObjectDict({n: _item(i, location, origin, n) for n, i in zip(names, items, strict=True)},
+            return RayObjectDict({n: _item(i, location, origin, n, _part(checkpoint, k))
+                                  for k, (n, i) in enumerate(zip(names, items, strict=True))},
                                  location=location, origin=origin, type=meta.get("type", "dict"),
                                  summary=meta.get("summary", ""))
         if mapped_over and meta.get("type") in ("list", "tuple"):
             items = ray.get(run.owner.split.remote(run.key, None))
-            return RayObjectList([_item(i, location, origin, str(n)) for n, i in enumerate(items)],
+            return RayObjectList([_item(i, location, origin, str(n), _part(checkpoint, n))
+                                  for n, i in enumerate(items)],
                                  location=location, origin=origin, kind=meta["type"], type=meta["type"],
                                  summary=meta.get("summary", ""))
-        return _item(info, location, origin, None)
+        return _item(info, location, origin, None, checkpoint)
 
     def on_kill(self) -> None:
         run = self._ray_run
@@ -236,11 +281,53 @@ def ray_task(
     )
 
 
-def _item(info: dict[str, Any], location: Location, origin: Origin, item: str | None) -> RayObject:
+def _item(info: dict[str, Any], location: Location, origin: Origin, item: str | None,
+          checkpoint: dict[str, Any] | None) -> RayObject:
     meta = info.get("meta") or {}
     return RayObject(key=info["key"], location=location, type=meta.get("type", ""), size=info.get("size"),
                      summary=meta.get("summary", ""), nodes=tuple(info.get("node_ids") or ()), origin=origin,
-                     item=item)
+                     item=item, checkpoint=checkpoint)
+
+
+RECOMPUTE_CONF_KEY = "ray_checkpoint_recompute"
+
+
+def _recompute_requested(context: Any, task_id: str) -> bool:
+    """A DAG run's conf can force recomputation: ``{"ray_checkpoint_recompute": true}`` or a list of task ids."""
+    dag_run = context.get("dag_run")
+    conf = getattr(dag_run, "conf", None) or {}
+    wanted = conf.get(RECOMPUTE_CONF_KEY) if isinstance(conf, Mapping) else None
+    if isinstance(wanted, (list, tuple)):
+        return task_id in wanted
+    return wanted is True
+
+
+def _part(checkpoint: dict[str, Any] | None, index: int) -> dict[str, Any] | None:
+    return None if checkpoint is None else {**checkpoint, "part": index}
+
+
+def inputs_digest(value: Any) -> str:
+    """What identifies a task's inputs for checkpoint reuse; upstream Ray results count by content digest.
+
+    Values that cannot be pickled get a random digest, so their checkpoint is never reused.
+    """
+    import hashlib
+
+    from ray import cloudpickle
+
+    def identity(v: Any) -> Any:
+        if isinstance(v, RayObject):
+            return ("ray-object", v.checkpoint["sha256"] if v.checkpoint else v.key, v.item)
+        if isinstance(v, dict):
+            return {k: identity(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(identity(x) for x in v) if type(v) in (list, tuple) else [identity(x) for x in v]
+        return v
+
+    try:
+        return hashlib.sha256(cloudpickle.dumps(identity(value), protocol=5)).hexdigest()
+    except Exception:  # noqa: BLE001 - reported by by_reference/submit with the argument's name
+        return uuid.uuid4().hex
 
 
 def ray_xcom_backend_active() -> bool:
@@ -251,10 +338,13 @@ def ray_xcom_backend_active() -> bool:
     return isinstance(XCom, type) and issubclass(XCom, RayXComBackend)
 
 
-def by_reference(value: Any, conn_id: str, namespace: str, task_label: str) -> Any:
-    """Swap upstream ``RayObject`` references (nested anywhere) for refs the Ray worker resolves."""
+def by_reference(value: Any, conn_id: str, namespace: str, task_label: str, log: Any) -> Any:
+    """Swap upstream ``RayObject`` references (nested anywhere) for refs the Ray worker resolves.
+
+    Upstream objects the cluster lost are put back from their checkpoints first.
+    """
     from airflow_ray_provider.worker import UpstreamRef
-    from airflow_ray_provider.xcom import object_refs
+    from airflow_ray_provider.xcom import object_refs, worker_checkpoint
 
     found: list[RayObject] = []
 
@@ -278,11 +368,12 @@ def by_reference(value: Any, conn_id: str, namespace: str, task_label: str) -> A
                 f"from {obj.origin.label(obj.item)} lives on {obj.location.conn_id!r} "
                 f"(namespace {obj.location.namespace!r}); results cannot cross clusters by reference"
             )
-    refs = dict(zip(map(id, found), object_refs(found), strict=True))
+    refs = dict(zip(map(id, found), object_refs(found, restore_log=log), strict=True))
 
     def swap(v: Any) -> Any:
         if isinstance(v, RayObject):
-            return UpstreamRef(refs[id(v)], f"task {v.origin.task_id!r} ({v.origin.label(v.item)})")
+            return UpstreamRef(refs[id(v)], f"task {v.origin.task_id!r} ({v.origin.label(v.item)})",
+                               worker_checkpoint(v))
         if isinstance(v, dict):
             return {k: swap(x) for k, x in v.items()}
         if isinstance(v, tuple):

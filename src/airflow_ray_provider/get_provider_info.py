@@ -54,6 +54,18 @@ def get_provider_info() -> dict[str, Any]:
                         "label": "Owner actors",
                         "schema": {"type": ["integer", "null"], "default": 1},
                     },
+                    "checkpoint_path": {
+                        "label": "Checkpoint root",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Where checkpoint=True tasks store results: s3://bucket/prefix, gs://…, "
+                        "file:///path (default: $AIRFLOW_HOME/ray-checkpoints)",
+                    },
+                    "checkpoint_conn_id": {
+                        "label": "Checkpoint store connection",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Airflow connection with the store's credentials, e.g. an aws connection "
+                        "(endpoint_url for MinIO)",
+                    },
                     "autoscaling": {
                         "label": "Cluster autoscales",
                         "schema": {"type": ["boolean", "null"], "default": False},
@@ -100,6 +112,22 @@ def get_provider_info() -> dict[str, Any]:
                         "type": "float",
                         "example": "300",
                         "default": "300",
+                    },
+                    "checkpoint_path": {
+                        "description": "Default checkpoint root when the ray connection sets none. Empty: "
+                        "$AIRFLOW_HOME/ray-checkpoints.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "s3://my-bucket/airflow-ray",
+                        "default": "",
+                    },
+                    "checkpoint_retention": {
+                        "description": "Seconds after its last write before `airflow-ray checkpoints prune` (also "
+                        "started by the listener after DAG runs) deletes a task's checkpoints. Negative: keep.",
+                        "version_added": "0.1.0",
+                        "type": "float",
+                        "example": "604800",
+                        "default": "-1",
                     },
                     "xcom_retention": {
                         "description": "Seconds after a DAG run finished before `airflow-ray xcom gc` releases its "

@@ -71,7 +71,8 @@ class RayObject:
     nodes: tuple[str, ...] = ()
     origin: Origin = field(default_factory=Origin)
     item: str | None = None  # the item name/index when this is part of a split list or dict
-    checkpoint: str | None = None
+    # Its durable copy, when the task had checkpoint=True: {"uri", "sha256", "conn_id", "part"}.
+    checkpoint: dict[str, Any] | None = field(default=None, hash=False)
 
     def __repr__(self) -> str:
         size = "" if self.size is None else f", {_human(self.size)}"
@@ -218,12 +219,33 @@ def _item(raw: Any, location: Location, origin: Origin, item: str | None, where:
     size = raw.get("size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
         raise RayXComReferenceError(f"Ray XCom reference {where}: 'size' must be a non-negative integer")
-    checkpoint = raw.get("checkpoint")
-    if checkpoint is not None and (not isinstance(checkpoint, str) or len(checkpoint) > 4096):
-        raise RayXComReferenceError(f"Ray XCom reference {where}: 'checkpoint' must be a string")
+    checkpoint = _checkpoint(raw.get("checkpoint"), where)
     return RayObject(key=_match(raw, "key", _KEY, where), location=location, type=_text(raw, "type", where),
                      size=size, summary=_text(raw, "summary", where), nodes=tuple(nodes), origin=origin,
                      item=item, checkpoint=checkpoint)
+
+
+_CHECKPOINT_FIELDS = {"uri", "sha256", "conn_id", "part"}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _checkpoint(raw: Any, where: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    bad = f"Ray XCom reference {where}: 'checkpoint' "
+    if not isinstance(raw, dict) or set(raw) != _CHECKPOINT_FIELDS:
+        raise RayXComReferenceError(bad + f"must be null or an object with {sorted(_CHECKPOINT_FIELDS)}")
+    uri = raw["uri"]
+    if not isinstance(uri, str) or not 0 < len(uri) <= 4096 or "\x00" in uri or "/../" in uri + "/":
+        raise RayXComReferenceError(bad + f"has a malformed uri {str(uri)[:100]!r}")
+    if not isinstance(raw["sha256"], str) or not _SHA256.fullmatch(raw["sha256"]):
+        raise RayXComReferenceError(bad + "has a malformed sha256")
+    if raw["conn_id"] is not None and not (isinstance(raw["conn_id"], str) and _NAME.fullmatch(raw["conn_id"])):
+        raise RayXComReferenceError(bad + "has a malformed conn_id")
+    part = raw["part"]
+    if part is not None and (not isinstance(part, int) or isinstance(part, bool) or not 0 <= part < MAX_ITEMS):
+        raise RayXComReferenceError(bad + "has a malformed part")
+    return dict(raw)
 
 
 def _where(raw: dict[str, Any]) -> str:

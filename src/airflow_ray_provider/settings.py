@@ -92,6 +92,8 @@ class RaySettings:
     lease_timeout: float = 60.0
     owner_shards: int = 1
     autoscaling: bool = False
+    checkpoint_path: str | None = None
+    checkpoint_conn_id: str | None = None
 
     @classmethod
     def from_fields(
@@ -113,6 +115,10 @@ class RaySettings:
         autoscaling = extra_d.get("autoscaling", False)
         if isinstance(autoscaling, str):
             autoscaling = autoscaling.strip().lower() in ("1", "true", "yes", "on")
+        checkpoint = {name: extra_d.get(name) or None for name in ("checkpoint_path", "checkpoint_conn_id")}
+        for name, value in checkpoint.items():
+            if value is not None and not isinstance(value, str):
+                raise RayConnectionError(f"Ray connection field {name!r} must be a string, got {value!r}")
         return cls(
             address=parse_address(str(raw_address or LOCAL)),
             namespace=namespace,
@@ -122,6 +128,7 @@ class RaySettings:
             lease_timeout=_number(extra_d, "lease_timeout", 60.0, 5.0),
             owner_shards=shards,
             autoscaling=bool(autoscaling),
+            **checkpoint,
         )
 
 

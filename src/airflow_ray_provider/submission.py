@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from airflow_ray_provider import owner as owner_mod
 from airflow_ray_provider.serialization import RaySerializationError, dumps_callable, find_unpicklable
+
+if TYPE_CHECKING:
+    from airflow_ray_provider.worker import CheckpointJob
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _POLL_S = 1.0  # short, so Airflow's timeout signal and on_kill are handled promptly
@@ -32,22 +37,27 @@ class RayTaskRun:
     """One submitted Ray task, followed from an Airflow task process."""
 
     def __init__(self, *, key: str, task_label: str, namespace: str, shards: int, lease_s: float,
-                 log: Any) -> None:
+                 log: Any, shard: int | None = None) -> None:
         self.key = key
         self.task_label = task_label
         self.lease_s = lease_s
         self.log = log
-        self.shard = owner_mod.shard_for(key, shards)
+        self.shard = owner_mod.shard_for(key, shards) if shard is None else shard
         self.owner = owner_mod.get_owner(namespace, self.shard)
         self.events: dict[str, Any] = {}
         self.submitted = False
         self.finished = False
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
-               options: Mapping[str, Any]) -> None:
+               options: Mapping[str, Any], job: CheckpointJob | None = None, inputs_digest: str | None = None) -> None:
+        """Hand the call to the owner actor; ``job`` gets its fingerprint from the callable and ``inputs_digest``."""
         fn_bytes = dumps_callable(fn, self.task_label)
+        parts: tuple[Any, ...] = (fn_bytes, tuple(args), dict(kwargs))
+        if job is not None:
+            fingerprint = hashlib.sha256(fn_bytes + (inputs_digest or "").encode()).hexdigest()
+            parts = (*parts, dataclasses.replace(job, fingerprint=fingerprint))
         try:
-            payload = ray.put((fn_bytes, tuple(args), dict(kwargs)))
+            payload = ray.put(parts)
         except Exception as exc:
             raise find_unpicklable(tuple(args), kwargs, self.task_label) from exc
         # The payload ref is owned by this process, which lives until the task ends;

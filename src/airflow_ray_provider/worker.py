@@ -14,13 +14,16 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray import cloudpickle
 
+from airflow_ray_provider import checkpoint as ckpt
 from airflow_ray_provider.describe import describe
 
 _FLUSH_INTERVAL_S = 0.2
@@ -28,16 +31,33 @@ MAX_SPLIT_ITEMS = 100_000  # more than Airflow's max_map_length allows
 
 
 class UpstreamRef:
-    """An upstream task's object, passed by reference; ``label`` names it in errors."""
+    """An upstream task's object, passed by reference; ``label`` names it in errors.
 
-    __slots__ = ("label", "ref")
+    ``checkpoint`` (the upstream's checkpoint, item index and manifest digest) lets the
+    worker restore the value itself when the object was lost after it was handed over.
+    """
 
-    def __init__(self, ref: ray.ObjectRef, label: str) -> None:
+    __slots__ = ("checkpoint", "label", "ref")
+
+    def __init__(self, ref: ray.ObjectRef, label: str,
+                 checkpoint: tuple[ckpt.TaskCheckpoint, int | None, str] | None = None) -> None:
         self.ref = ref
         self.label = label
+        self.checkpoint = checkpoint
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (UpstreamRef, (self.ref, self.label))
+        return (UpstreamRef, (self.ref, self.label, self.checkpoint))
+
+
+@dataclass(frozen=True)
+class CheckpointJob:
+    """What a ``checkpoint=True`` task asks of its worker: write the result, or reuse a matching one."""
+
+    checkpoint: ckpt.TaskCheckpoint
+    fingerprint: str  # of the callable and its inputs; a checkpoint is reused only for the same one
+    write: bool = True
+    reuse: bool = True
+    split: str | None = None  # "dict" / "auto": store items as separate files (see TaskCheckpoint.write_result)
 
 
 class UpstreamObjectLost(Exception):
@@ -148,6 +168,11 @@ def resolve_refs(value: Any) -> Any:
         try:
             return ray.get(value.ref)
         except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
+            if value.checkpoint is not None:
+                checkpoint, part, sha256 = value.checkpoint
+                print(f"The result of {value.label} is gone from the Ray object store ({type(exc).__name__}); "
+                      f"restoring it from its checkpoint {checkpoint.uri}", file=sys.stderr)
+                return checkpoint.load_result(part=part, expected_sha256=sha256)
             raise UpstreamObjectLost(
                 f"The result of {value.label} is gone from the Ray object store ({type(exc).__name__}); "
                 f"rerun that task, or mark it checkpoint=True so it can be restored"
@@ -164,27 +189,61 @@ def resolve_refs(value: Any) -> Any:
 
 
 @ray.remote
-def run_callable(payload: tuple[bytes, tuple[Any, ...], dict[str, Any]], key: str, owner: Any) -> Any:
-    """Run one Airflow task's callable; its return value becomes the owner's object."""
+def run_callable(payload: tuple[Any, ...], key: str, owner: Any) -> Any:
+    """Run one Airflow task's callable; its return value becomes the owner's object.
+
+    ``payload`` is ``(callable bytes, args, kwargs)`` plus, for ``checkpoint=True``, a
+    :class:`CheckpointJob`. The checkpoint is complete before this returns, so the
+    Airflow task succeeds only with its result durably stored.
+    """
     sink = _LogSink(owner, key)
     ctx = ray.get_runtime_context()
     sink.event(node_id=ctx.get_node_id(), node_ip=ray.util.get_node_ip_address(), pid=os.getpid())
     sink.start()
     try:
-        fn_bytes, args, kwargs = payload
-        fn: Callable[..., Any] = cloudpickle.loads(fn_bytes)
-        args, kwargs = resolve_refs(args), resolve_refs(kwargs)
-        with _captured_output(sink):
-            result = fn(*args, **kwargs)
+        fn_bytes, args, kwargs, job = (*payload, None)[:4]
+        events: dict[str, Any] = {}
+        result, manifest = _reuse(job, sink) if job is not None and job.reuse else (None, None)
+        if manifest is not None:
+            sink.write(f"Restored this task's result from its checkpoint {job.checkpoint.uri} "
+                       f"({manifest.size} bytes, written {time.ctime(manifest.created)}) instead of recomputing "
+                       f"it: same callable and inputs (checkpoint_recompute=True forces a rerun)\n")
+            events["checkpoint"] = {"uri": job.checkpoint.result_uri, "sha256": manifest.sha256, "restored": True}
+        else:
+            fn: Callable[..., Any] = cloudpickle.loads(fn_bytes)
+            args, kwargs = resolve_refs(args), resolve_refs(kwargs)
+            with _captured_output(sink), ckpt.bound(job.checkpoint if job is not None else None):
+                result = fn(*args, **kwargs)
+            if job is not None and job.write:
+                info = job.checkpoint.write_result(result, fingerprint=job.fingerprint, split=job.split)
+                sink.write(f"Checkpoint written to {info['uri']} ({info['size']} bytes, sha256 "
+                           f"{info['sha256'][:12]}…) in {info['seconds']:.2f}s\n")
+                events["checkpoint"] = {"uri": info["uri"], "sha256": info["sha256"], "restored": False}
         cls = type(result)
-        events: dict[str, Any] = {"returned_type": f"{cls.__module__}.{cls.__qualname__}",
-                                  "described": describe(result)}
+        events.update(returned_type=f"{cls.__module__}.{cls.__qualname__}", described=describe(result))
         if isinstance(result, dict) and len(result) <= MAX_SPLIT_ITEMS and all(isinstance(k, str) for k in result):
             events["names"] = list(result)
         sink.event(**events)
         return result
     finally:
         sink.close()
+
+
+def _reuse(job: CheckpointJob, sink: _LogSink) -> tuple[Any, ckpt.Manifest | None]:
+    """The result of an earlier try with the same fingerprint, if its checkpoint is intact."""
+    try:
+        manifest = job.checkpoint.read_manifest()
+    except ckpt.CheckpointNotFound:
+        return None, None
+    if manifest.fingerprint != job.fingerprint:
+        sink.write(f"The checkpoint at {job.checkpoint.uri} was written for a different callable or inputs "
+                   f"(fingerprint {str(manifest.fingerprint)[:12]}…, now {job.fingerprint[:12]}…); recomputing\n")
+        return None, None
+    try:
+        return job.checkpoint.load_result(manifest), manifest
+    except ckpt.CheckpointCorrupted as exc:
+        sink.write(f"Not reusing the checkpoint at {job.checkpoint.uri}: {exc}. Recomputing.\n")
+        return None, None
 
 
 @ray.remote(num_cpus=0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -40,6 +41,7 @@ from airflow_ray_provider.reference import (
     parse_reference,
     with_origin,
 )
+from airflow_ray_provider.settings import RayConnectionError
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +160,12 @@ def lost_message(obj: RayObject, reason: str) -> str:
             f"or set checkpoint=True on it so a lost result can be restored.")
 
 
-def object_refs(objects: list[RayObject]) -> list[Any]:
-    """The ``ObjectRef`` of each object, in order; :class:`RayXComObjectLost` if any is gone."""
+def object_refs(objects: list[RayObject], restore_log: Any = None) -> list[Any]:
+    """The ``ObjectRef`` of each object, in order; :class:`RayXComObjectLost` if any is gone.
+
+    With ``restore_log``, objects the owner no longer holds but that have a checkpoint are
+    first put back into the object store (under their old key) from that checkpoint.
+    """
     import ray
 
     by_owner: dict[Location, list[int]] = {}
@@ -168,24 +174,92 @@ def object_refs(objects: list[RayObject]) -> list[Any]:
     refs: list[Any] = [None] * len(objects)
     for location, indexes in by_owner.items():
         _connect(location)
-        found = ray.get(_owner(location).get_many.remote([objects[i].key for i in indexes]))
+        owner = _owner(location)
+        found = ray.get(owner.get_many.remote([objects[i].key for i in indexes]))
         for i, ref in zip(indexes, found, strict=True):
+            if ref is None and objects[i].checkpoint is not None and restore_log is not None:
+                ref = _restore_into_ray(objects[i], restore_log)
             if ref is None:
                 raise RayXComObjectLost(lost_message(objects[i], "the owner actor does not hold it"))
             refs[i] = ref
     return refs
 
 
+def checkpoint_of_object(obj: RayObject) -> Any:
+    """The upstream task's :class:`~.checkpoint.TaskCheckpoint`, rebuilt from the reference and validated."""
+    from airflow_ray_provider.checkpoint import CheckpointError
+    from airflow_ray_provider.storage import checkpoint_of
+
+    assert obj.checkpoint is not None
+    try:
+        return checkpoint_of(obj.checkpoint, obj.origin.dag_id, obj.origin.run_id, obj.origin.task_id,
+                             obj.origin.map_index)
+    except CheckpointError as exc:
+        raise RayXComReferenceError(f"Ray XCom reference of {obj.origin.label(obj.item)}: {exc}") from None
+
+
+def worker_checkpoint(obj: RayObject) -> tuple[Any, int | None, str] | None:
+    """What a Ray worker needs to restore ``obj`` itself if it is lost after being handed over."""
+    if obj.checkpoint is None:
+        return None
+    return checkpoint_of_object(obj), obj.checkpoint["part"], obj.checkpoint["sha256"]
+
+
+def _restore_into_ray(obj: RayObject, log: Any) -> Any:
+    """Load ``obj`` from its checkpoint in a Ray task the owner actor submits, under the same key."""
+    import ray
+
+    from airflow_ray_provider.checkpoint import restore_result
+    from airflow_ray_provider.hooks import RayHook
+    from airflow_ray_provider.submission import RayTaskRun
+
+    assert obj.checkpoint is not None
+    checkpoint = checkpoint_of_object(obj)
+    settings = RayHook(obj.location.conn_id).settings
+    log.warning("The result of %s is gone from Ray; restoring it from its checkpoint %s",
+                obj.origin.label(obj.item), obj.checkpoint["uri"])
+    started = time.monotonic()
+    run = RayTaskRun(key=obj.key, task_label=f"restore {obj.origin.label(obj.item)}", namespace=obj.location.namespace,
+                     shards=1, lease_s=settings.lease_timeout, log=log, shard=obj.location.owner)
+    try:
+        run.submit(restore_result, (checkpoint, obj.checkpoint["part"], obj.checkpoint["sha256"]), {},
+                   {"num_cpus": 0, "name": f"restore:{obj.key}"[:200]})
+    except KeyError:
+        pass  # another consumer is restoring it right now: wait for theirs
+    else:
+        status = run.wait()
+        if status["state"] != "finished":
+            run.raise_failure(status)
+    info = ray.get(run.owner.describe.remote(obj.key))
+    log.info("Restored %s from its checkpoint in %.2fs (%s bytes)", obj.origin.label(obj.item),
+             time.monotonic() - started, info.get("size"))
+    (ref,) = ray.get(run.owner.get.remote(obj.key))
+    return ref
+
+
 def fetch(ref: AnyReference) -> Any:
-    """The Python value behind a reference (this process pulls the bytes)."""
+    """The Python value behind a reference (this process pulls the bytes).
+
+    Objects Ray lost, or a cluster that cannot be reached, are read straight from their
+    checkpoints when every object has one.
+    """
     import ray
 
     objects = all_objects(ref)
-    refs = object_refs(objects)
     try:
+        refs = object_refs(objects)
         values = ray.get(refs)
-    except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
-        raise RayXComObjectLost(lost_message(objects[0], type(exc).__name__)) from None
+    except (RayXComObjectLost, RayConnectionError, ray.exceptions.ObjectLostError,
+            ray.exceptions.OwnerDiedError) as exc:
+        if not objects or any(obj.checkpoint is None for obj in objects):
+            if isinstance(exc, RayXComObjectLost | RayConnectionError):
+                raise
+            raise RayXComObjectLost(lost_message(objects[0], type(exc).__name__)) from None
+        log.warning("The result of %s is not available from Ray (%s); reading it from its checkpoint",
+                    objects[0].origin.label(), type(exc).__name__)
+        values = [checkpoint_of_object(obj).load_result(part=obj.checkpoint["part"],
+                                                        expected_sha256=obj.checkpoint["sha256"])
+                  for obj in objects if obj.checkpoint is not None]
     if isinstance(ref, RayObject):
         return values[0]
     if isinstance(ref, RayObjectDict):

@@ -1,0 +1,114 @@
+"""Where checkpoints go, resolved on the Airflow side: root URL plus credentials from an Airflow connection.
+
+The ``ray`` connection's ``checkpoint_path`` / ``checkpoint_conn_id`` extras set the
+default (a task's ``checkpoint_path=`` / ``checkpoint_conn_id=`` override them); the
+embedded default is ``$AIRFLOW_HOME/ray-checkpoints``. Credentials are turned into plain
+fsspec ``storage_options`` here, because the Ray worker that writes the checkpoint has
+no Airflow (and no connections) to ask.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from airflow_ray_provider.checkpoint import CheckpointError, Store, TaskCheckpoint, TaskKey
+
+DEFAULT_FOLDER = "ray-checkpoints"
+
+
+def default_root() -> str:
+    from airflow.sdk.configuration import conf
+
+    configured = conf.get("ray", "checkpoint_path", fallback="") or ""
+    if configured:
+        return configured
+    home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
+    return os.path.join(os.path.abspath(home), DEFAULT_FOLDER)
+
+
+def checkpoint_retention() -> float:
+    from airflow.sdk.configuration import conf
+
+    return conf.getfloat("ray", "checkpoint_retention", fallback=-1.0)
+
+
+def store_for(ray_conn_id: str, path: str | None = None, conn_id: str | None = None) -> Store:
+    """The checkpoint store for a task: its own overrides, else its ``ray`` connection's, else the default."""
+    from airflow_ray_provider.hooks import RayHook
+
+    settings = RayHook(ray_conn_id).settings
+    root = path or settings.checkpoint_path or default_root()
+    store_conn = conn_id if conn_id is not None else settings.checkpoint_conn_id
+    return make_store(root, store_conn)
+
+
+def make_store(root: str, conn_id: str | None) -> Store:
+    if root.startswith("file://"):
+        root = root[len("file://"):]
+    Store(root)  # validates the root before any connection is read
+    return Store(root, storage_options(conn_id, _protocol(root)))
+
+
+def _protocol(root: str) -> str:
+    return root.split("://", 1)[0] if "://" in root else "file"
+
+
+def storage_options(conn_id: str | None, protocol: str) -> dict[str, Any]:
+    """Plain, picklable fsspec options for ``protocol`` from the Airflow connection ``conn_id``."""
+    if protocol in ("file", "local") or not conn_id:
+        return {}
+    if protocol in ("s3", "s3a"):
+        return _s3_options(conn_id)
+    from airflow.sdk import ObjectStoragePath
+    from ray import cloudpickle
+
+    try:
+        options = dict(ObjectStoragePath(f"{protocol}://checkpoints", conn_id=conn_id).fs.storage_options)
+        cloudpickle.dumps(options)
+    except Exception as exc:
+        raise CheckpointError(f"Cannot turn connection {conn_id!r} into storage options for {protocol}:// "
+                              f"checkpoints: {type(exc).__name__}: {exc}") from exc
+    return options
+
+
+def _s3_options(conn_id: str) -> dict[str, Any]:
+    """s3fs options from an ``aws`` connection: keys, session token, endpoint (MinIO), region, botocore config."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    hook = S3Hook(aws_conn_id=conn_id)
+    try:
+        credentials = hook.get_credentials()
+    except Exception as exc:
+        raise CheckpointError(f"Cannot get S3 credentials from connection {conn_id!r}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    options: dict[str, Any] = {}
+    if credentials is not None and credentials.access_key:
+        options.update(key=credentials.access_key, secret=credentials.secret_key)
+        if credentials.token:
+            options["token"] = credentials.token
+    endpoint = hook.conn_config.get_service_endpoint_url(service_name="s3")
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    if hook.conn_region_name:
+        options["client_kwargs"] = {"region_name": hook.conn_region_name}
+    config_kwargs = hook.conn_config.extra_config.get("config_kwargs")
+    if isinstance(config_kwargs, dict):
+        options["config_kwargs"] = dict(config_kwargs)
+    return options
+
+
+def checkpoint_of(reference: dict[str, Any], dag_id: str, run_id: str, task_id: str, map_index: int) -> TaskCheckpoint:
+    """Rebuild a task's checkpoint from the location an XCom reference records.
+
+    The recorded URL must end in exactly the folder layout this task's ids give, so a
+    forged row cannot point the reader at some other file in the store.
+    """
+    key = TaskKey(dag_id, run_id, task_id, map_index)
+    uri = reference["uri"]
+    suffix = "/" + "/".join([*key.segments(), "result", "manifest.json"])
+    if not uri.endswith(suffix):
+        raise CheckpointError(f"Checkpoint location {uri!r} does not match the task it is recorded for "
+                              f"(expected it to end in {suffix!r})")
+    root = uri[: -len(suffix)]
+    return TaskCheckpoint(make_store(root, reference.get("conn_id")), key)

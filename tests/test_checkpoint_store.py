@@ -1,0 +1,242 @@
+"""The checkpoint store itself, on a real S3 endpoint (moto server on loopback) and on ``file://``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from airflow_ray_provider.checkpoint import (
+    CheckpointCorrupted,
+    CheckpointError,
+    CheckpointNotFound,
+    Store,
+    TaskCheckpoint,
+    TaskKey,
+    safe_component,
+)
+from airflow_ray_provider.storage import checkpoint_of, make_store
+from tests.conftest import BUCKET, s3_client
+
+RUN_ID = "manual__2026-11-24T05:00:00+00:00"
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if request.param == "file":
+        return make_store(f"file://{tmp_path}/ckpt", None)
+    request.getfixturevalue("s3_endpoint")
+    return make_store(f"s3://{BUCKET}/unit-{uuid.uuid4().hex[:8]}", "ckpt_s3")
+
+
+def task_checkpoint(store: Store, task_id: str = "produce", map_index: int = -1) -> TaskCheckpoint:
+    return TaskCheckpoint(store, TaskKey("unit_dag", RUN_ID, task_id, map_index))
+
+
+class Bomb:
+    """Unpickling this creates a file: proof that a refused checkpoint was never unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (Path(self.path),))
+
+
+def flip_byte(checkpoint: TaskCheckpoint, suffix: str) -> None:
+    fs, _ = checkpoint.store.filesystem()
+    folder = checkpoint.result_uri.split("://", 1)[1].rsplit("/", 1)[0]
+    (path,) = [p for p in fs.ls(folder, detail=False) if p.endswith(suffix)]
+    data = bytearray(fs.cat_file(path))
+    data[len(data) // 2] ^= 0x01
+    fs.pipe_file(path, bytes(data))
+
+
+def test_values_round_trip_in_their_columnar_and_array_formats(store: Store) -> None:
+    ckpt = task_checkpoint(store)
+    frame = pd.DataFrame({"x": np.arange(50), "y": np.linspace(0, 1, 50), "tag": ["a", "b"] * 25})
+    cases = [
+        (np.arange(1000, dtype=np.float32).reshape(10, 100), "npy"),
+        (frame, "parquet"),
+        (pa.table({"a": [1, 2, 3], "b": ["x", "y", "z"]}), "arrow"),
+        ({"nested": [1, {"two": 2}], "when": "2026"}, "pickle"),
+        (np.array([{"object": 1}], dtype=object), "pickle"),  # object arrays are never .npy-pickled
+    ]
+    for value, codec in cases:
+        info = ckpt.write_result(value)
+        manifest = ckpt.read_manifest(info["sha256"])
+        assert manifest.parts[0]["codec"] == codec
+        back = ckpt.load_result(expected_sha256=info["sha256"])
+        if isinstance(value, np.ndarray) and codec == "npy":
+            np.testing.assert_array_equal(back, value)
+            assert back.dtype == value.dtype
+        elif isinstance(value, pd.DataFrame):
+            pd.testing.assert_frame_equal(back, value)
+        elif isinstance(value, pa.Table):
+            assert back.equals(value)
+        elif isinstance(value, np.ndarray):
+            assert back.tolist() == value.tolist()
+        else:
+            assert back == value
+        assert info["uri"].startswith(store.root.split("://")[0] if "://" in store.root else "file://")
+
+
+def test_split_results_store_each_item_so_one_item_loads_alone(store: Store) -> None:
+    ckpt = task_checkpoint(store)
+    value = {"frame": pd.DataFrame({"a": [1, 2]}), "array": np.arange(4), "meta": {"k": "v"}}
+    ckpt.write_result(value, split="dict")
+    manifest = ckpt.read_manifest()
+    assert manifest.container == "dict" and [p["codec"] for p in manifest.parts] == ["parquet", "npy", "pickle"]
+    np.testing.assert_array_equal(ckpt.load_result(part=1), np.arange(4))
+    whole = ckpt.load_result()
+    assert list(whole) == ["frame", "array", "meta"] and whole["meta"] == {"k": "v"}
+    ckpt.write_result((1, "two"), split="auto")
+    assert ckpt.load_result() == (1, "two") and ckpt.load_result(part=1) == "two"
+
+
+def test_keys_cannot_escape_the_checkpoint_root(tmp_path: Path) -> None:
+    store = make_store(str(tmp_path / "root"), None)
+    hostile = ["..", "../../etc", "a/../../b", "/abs", ".hidden", "x\x00y", "sp ace:+", "é", "", "a" * 500]
+    seen = set()
+    for text in hostile:
+        segment = safe_component(text)
+        assert "/" not in segment and segment not in (".", "..") and not segment.startswith(".")
+        assert len(segment) <= 200
+        seen.add(segment)
+        ckpt = TaskCheckpoint(store, TaskKey(text or "x", text or "y", text or "z", 0))
+        ckpt.write_result([text])
+        assert ckpt.load_result() == [text]
+    assert len(seen) == len(hostile)  # distinct ids never share a folder
+    root = (tmp_path / "root").resolve()
+    for path in tmp_path.rglob("*"):
+        assert path.resolve().is_relative_to(root) or path.resolve() == root.parent, path
+    with pytest.raises(CheckpointError, match=r"'\.\.'"):
+        make_store(f"{tmp_path}/a/../b", None)
+    with pytest.raises(CheckpointError, match="absolute path"):
+        make_store("relative/path", None)
+
+
+def test_a_flipped_byte_is_refused_and_never_unpickled(store: Store, tmp_path: Path) -> None:
+    ckpt = task_checkpoint(store)
+    marker = tmp_path / "unpickled"
+    ckpt.write_result({"payload": Bomb(str(marker)), "pad": "x" * 1000})
+    marker.unlink(missing_ok=True)  # the writer's own check of the pickle does not count
+    flip_byte(ckpt, ".pkl")
+    with pytest.raises(CheckpointCorrupted, match="does not match its manifest") as err:
+        ckpt.load_result()
+    assert ".pkl" in str(err.value) and "not loaded" in str(err.value)
+    assert not marker.exists()
+
+    ckpt.write_result(np.arange(10_000.0))
+    flip_byte(ckpt, ".npy")
+    with pytest.raises(CheckpointCorrupted, match="sha256"):
+        ckpt.load_result()
+
+
+def test_a_manifest_changed_after_the_reference_was_written_is_refused(store: Store) -> None:
+    ckpt = task_checkpoint(store)
+    info = ckpt.write_result([1, 2, 3])
+    fs, _ = store.filesystem()
+    path = info["uri"].split("://", 1)[1]
+    raw = json.loads(fs.cat_file(path))
+    raw["created"] += 1
+    fs.pipe_file(path, json.dumps(raw).encode())
+    with pytest.raises(CheckpointCorrupted, match="changed after the task wrote it"):
+        ckpt.load_result(expected_sha256=info["sha256"])
+    escaping = [{**raw["parts"][0], "file": "../../x.pkl"}]
+    for field, bad, message in (("parts", escaping, "malformed file name"), ("task", {"dag_id": "other"}, "belongs to"),
+                                ("version", 9, "unsupported"), ("extra", 1, "exactly the fields")):
+        forged = {**raw, field: bad}
+        fs.pipe_file(path, json.dumps(forged).encode())
+        with pytest.raises(CheckpointCorrupted, match=message):
+            ckpt.read_manifest()
+
+
+def test_a_partial_write_is_never_read(store: Store) -> None:
+    """Data files without a committed manifest are invisible; an older committed result stays readable."""
+    ckpt = task_checkpoint(store)
+    fs, _ = store.filesystem()
+    folder = ckpt.result_uri.split("://", 1)[1].rsplit("/", 1)[0]
+    fs.makedirs(folder, exist_ok=True)
+    fs.pipe_file(f"{folder}/0123456789abcdef-0.npy", b"\x93NUMPY half-written")
+    with pytest.raises(CheckpointNotFound):
+        ckpt.load_result()
+    info = ckpt.write_result("first")
+    fs.pipe_file(f"{folder}/fedcba9876543210-0.pkl", b"\x80\x05 half-written")  # a second write, cut off
+    assert ckpt.load_result(expected_sha256=info["sha256"]) == "first"
+
+
+def test_progress_save_and_load(store: Store) -> None:
+    ckpt = task_checkpoint(store, "train")
+    assert ckpt.load("progress", default={"epoch": 0}) == {"epoch": 0}
+    ckpt.save("progress", {"epoch": 3, "weights": np.ones(3)})
+    again = task_checkpoint(store, "train")  # a retry builds its own
+    state = again.load("progress")
+    assert state["epoch"] == 3 and state["weights"].tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="state name"):
+        ckpt.save("../escape", 1)
+
+
+def test_reference_locations_must_match_their_task(store: Store) -> None:
+    ckpt = task_checkpoint(store)
+    info = ckpt.write_result(42)
+    ref = {"uri": info["uri"], "sha256": info["sha256"], "conn_id": "ckpt_s3" if "s3" in info["uri"] else None,
+           "part": None}
+    assert checkpoint_of(ref, "unit_dag", RUN_ID, "produce", -1).load_result(expected_sha256=info["sha256"]) == 42
+    with pytest.raises(CheckpointError, match="does not match the task"):
+        checkpoint_of(ref, "unit_dag", RUN_ID, "other_task", -1)
+
+
+def test_s3_credentials_and_endpoint_come_from_the_airflow_connection(s3_endpoint: str) -> None:
+    store = make_store(f"s3://{BUCKET}/creds", "ckpt_s3")
+    assert store.storage_options["endpoint_url"] == s3_endpoint
+    assert store.storage_options["key"] == "testing"
+    assert "testing" not in repr(store)  # credentials never reach a repr or a log line
+    task_checkpoint(store).write_result("via the connection")
+    keys = [o["Key"] for o in s3_client(s3_endpoint).list_objects_v2(Bucket=BUCKET, Prefix="creds/")["Contents"]]
+    assert any(k.endswith("/result/manifest.json") for k in keys)
+
+
+def test_an_unreachable_store_fails_with_the_location(s3_endpoint: str) -> None:
+    store = make_store(f"s3://{BUCKET}/down", "ckpt_s3_down")
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match=f"s3://{BUCKET}/down/unit_dag") as err:
+        task_checkpoint(store).write_result([1])
+    assert "failed" in str(err.value)
+    assert time.monotonic() - started < 120
+
+
+def test_cli_lists_deletes_and_prunes(tmp_path: Path) -> None:
+    root = str(tmp_path / "cli")
+    store = make_store(root, None)
+    for run in ("run_a", "run_b"):
+        task_checkpoint_for = TaskCheckpoint(store, TaskKey("cli_dag", run, "t", -1))
+        task_checkpoint_for.write_result(run)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "airflow_ray_provider.cli", "checkpoints", *args, "--path", root],
+                              capture_output=True, text=True, timeout=120, env=os.environ.copy())
+
+    listed = cli("list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(r["run"] for r in json.loads(listed.stdout)) == ["run_a", "run_b"]
+    deleted = cli("delete", "--dag-id", "cli_dag", "--run-id", "run_a")
+    assert deleted.returncode == 0 and "1 task" in deleted.stdout, deleted.stderr
+    assert [r["run"] for r in json.loads(cli("list", "--json").stdout)] == ["run_b"]
+    kept = cli("prune", "--older-than", "3600")
+    assert "pruned 0" in kept.stdout, kept.stdout + kept.stderr
+    pruned = cli("prune", "--older-than", "0")
+    assert "pruned 1" in pruned.stdout, pruned.stdout + pruned.stderr
+    assert json.loads(cli("list", "--json").stdout) == []
+    bad = cli("delete", "--dag-id", "cli_dag")
+    assert bad.returncode == 2 and "--run-id" in bad.stderr
