@@ -240,3 +240,14 @@ def test_cli_lists_deletes_and_prunes(tmp_path: Path) -> None:
     assert json.loads(cli("list", "--json").stdout) == []
     bad = cli("delete", "--dag-id", "cli_dag")
     assert bad.returncode == 2 and "--run-id" in bad.stderr
+
+
+def test_tune_storage_is_a_pyarrow_view_of_the_same_store(store: Store) -> None:
+    """Ray Tune / Train get ``storage_path`` + ``storage_filesystem`` inside the task's checkpoint folder."""
+    ckpt = task_checkpoint(store, "search")
+    path, filesystem = ckpt.tune_storage()
+    assert path.endswith("/unit_dag/manual__2026-11-24T05~3A00~3A00~2B00~3A00/search/-1/tune")
+    with filesystem.open_output_stream(f"{path}/experiment_state.json") as out:
+        out.write(b'{"trials": 3}')
+    fs, _ = store.filesystem()
+    assert fs.cat_file(f"{path}/experiment_state.json") == b'{"trials": 3}'

@@ -216,8 +216,15 @@ def test_retention_releases_objects_of_finished_runs() -> None:
         value_of(stored("xcom_lifecycle", result["run_id"], "blob"))
 
 
-def test_a_finished_run_starts_the_gc_in_the_background(airflow_home: Path) -> None:
-    """The provider's listener runs ``airflow-ray xcom gc`` when a DAG run ends (here: retention 0)."""
+def test_a_finished_run_starts_the_gc_in_the_background(airflow_home: Path, tmp_path: Path) -> None:
+    """The provider's listener runs ``airflow-ray upkeep`` when a DAG run ends (here: retentions 0).
+
+    That is ``xcom gc`` and ``checkpoints prune``.
+    """
+    from airflow_ray_provider.checkpoint import Store, TaskCheckpoint, TaskKey
+
+    old = TaskCheckpoint(Store(str(tmp_path / "ckpt")), TaskKey("old_dag", "old_run", "t"))
+    old.write_result("old")
     result, output = run_py("""
         import os, time, ray
         from airflow_ray_provider.hooks import RayHook
@@ -225,15 +232,18 @@ def test_a_finished_run_starts_the_gc_in_the_background(airflow_home: Path) -> N
         dr = xcom_dags.xcom_lifecycle_dag.test(run_conf={"mb": 1})
         owner = get_owner(RayHook().settings.namespace, 0)
         mine = lambda: [k for k in ray.get(owner.keys.remote()) if k.startswith(f"xcom_lifecycle/{dr.run_id}/")]
-        log_path = os.path.join(os.environ["AIRFLOW_HOME"], "airflow-ray-xcom-gc.log")
+        log_path = os.path.join(os.environ["AIRFLOW_HOME"], "airflow-ray-upkeep.log")
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not (os.path.exists(log_path) and "released" in open(log_path).read()):
+        while time.monotonic() < deadline and not (os.path.exists(log_path) and "pruned" in open(log_path).read()):
             time.sleep(1)  # wait for the background gc, so it cannot touch later tests' objects
         emit(left=mine(), log=open(log_path).read() if os.path.exists(log_path) else "")
-    """, env={"AIRFLOW__RAY__XCOM_GC_INTERVAL": "0", "AIRFLOW__RAY__XCOM_RETENTION": "0"})
-    assert "Started Ray XCom gc" in output
+    """, env={"AIRFLOW__RAY__XCOM_GC_INTERVAL": "0", "AIRFLOW__RAY__XCOM_RETENTION": "0",
+              "AIRFLOW__RAY__CHECKPOINT_RETENTION": "0", "AIRFLOW__RAY__CHECKPOINT_PATH": str(tmp_path / "ckpt")})
+    assert "Started airflow-ray upkeep" in output
     assert re.search(r"past retention; released \d+", result["log"]), result["log"]
     assert result["left"] == [], result
+    assert "pruned 1 task checkpoint folder(s)" in result["log"], result["log"]
+    assert not (tmp_path / "ckpt" / "old_dag").exists()
 
 
 # -- references read from the DB are validated (no Ray, no unpickling) ------------------------------

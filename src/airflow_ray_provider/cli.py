@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
                       "(default: [ray] xcom_retention; negative keeps them until their rows are deleted)")
     xcom.add_argument("--grace", type=float, default=600.0, help="seconds to keep unreferenced new objects")
     xcom.add_argument("--dry-run", action="store_true", help="report, release nothing")
+    upkeep = sub.add_parser("upkeep", help="what the listener runs after DAG runs: xcom gc (with the Ray XCom "
+                            "backend) and checkpoints prune (with [ray] checkpoint_retention >= 0)")
+    upkeep.add_argument("--conn-id", default="ray_default", help="the ray connection (default: ray_default)")
     ckpt = sub.add_parser("checkpoints", help="durable task checkpoints (checkpoint=True)")
     ckpt.add_argument("action", choices=["list", "delete", "prune"],
                       help="list them; delete one DAG run's; prune those older than the retention")
@@ -70,6 +73,18 @@ def _checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upkeep(args: argparse.Namespace) -> int:
+    from airflow_ray_provider.plugins import ray_xcom_backend_configured
+    from airflow_ray_provider.storage import checkpoint_retention
+
+    status = 0
+    if ray_xcom_backend_configured():
+        status |= main(["xcom", "gc", "--conn-id", args.conn_id])
+    if checkpoint_retention() >= 0:
+        status |= main(["checkpoints", "prune", "--ray-conn-id", args.conn_id])
+    return status
+
+
 def _xcom(args: argparse.Namespace) -> int:
     from airflow_ray_provider.retention import collect_garbage
 
@@ -83,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.group == "xcom":
         return _xcom(args)
+    if args.group == "upkeep":
+        return _upkeep(args)
     if args.group == "checkpoints":
         from airflow_ray_provider.checkpoint import CheckpointError
 

@@ -1,10 +1,11 @@
-"""The provider's Airflow plugin: a listener that runs ``airflow-ray xcom gc`` when DAG runs finish.
+"""The provider's Airflow plugin: a listener that runs ``airflow-ray upkeep`` when DAG runs finish.
 
 Airflow does not tell XCom backends when DAG runs are deleted or age out, so the objects
-behind them would stay in Ray. The scheduler (and ``dag.test()``) reports every finished run
-to listeners; this one starts the gc in a separate process, at most one at a time and at
-most every ``[ray] xcom_gc_interval`` seconds, so the scheduler itself never joins a Ray
-cluster and never waits for it.
+behind them would stay in Ray, and checkpoints would stay in storage. The scheduler (and
+``dag.test()``) reports every finished run to listeners; this one starts ``airflow-ray upkeep``
+(``xcom gc`` with the Ray XCom backend, ``checkpoints prune`` with ``[ray] checkpoint_retention``
+set) in a separate process, at most one at a time and at most every ``[ray] xcom_gc_interval``
+seconds, so the scheduler itself never joins a Ray cluster and never waits for it.
 """
 
 from __future__ import annotations
@@ -37,13 +38,9 @@ class _GcTrigger:
     def _enabled() -> float | None:
         from airflow.configuration import conf
 
-        from airflow_ray_provider.xcom import RayXComBackend
+        from airflow_ray_provider.storage import checkpoint_retention
 
-        try:
-            backend = conf.getimport("core", "xcom_backend")
-        except Exception:  # noqa: BLE001 - a broken setting is reported by Airflow itself
-            return None
-        if not (isinstance(backend, type) and issubclass(backend, RayXComBackend)):
+        if not ray_xcom_backend_configured() and checkpoint_retention() < 0:
             return None
         interval = conf.getfloat("ray", "xcom_gc_interval", fallback=DEFAULT_GC_INTERVAL_S)
         return None if interval < 0 else interval
@@ -62,14 +59,26 @@ class _GcTrigger:
             from airflow.configuration import conf
 
             conn_id = conf.get("ray", "xcom_conn_id", fallback="ray_default") or "ray_default"
-            log_path = os.path.join(os.environ.get("AIRFLOW_HOME", "."), "airflow-ray-xcom-gc.log")
+            log_path = os.path.join(os.environ.get("AIRFLOW_HOME", "."), "airflow-ray-upkeep.log")
             with open(log_path, "ab") as out:
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "airflow_ray_provider.cli", "xcom", "gc", "--conn-id", conn_id],
+                    [sys.executable, "-m", "airflow_ray_provider.cli", "upkeep", "--conn-id", conn_id],
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 )
-            log.info("Started Ray XCom gc (pid %s, log %s)", self._proc.pid, log_path)
+            log.info("Started airflow-ray upkeep (pid %s, log %s)", self._proc.pid, log_path)
             return True
+
+
+def ray_xcom_backend_configured() -> bool:
+    from airflow.configuration import conf
+
+    from airflow_ray_provider.xcom import RayXComBackend
+
+    try:
+        backend = conf.getimport("core", "xcom_backend")
+    except Exception:  # noqa: BLE001 - a broken setting is reported by Airflow itself
+        return False
+    return isinstance(backend, type) and issubclass(backend, RayXComBackend)
 
 
 class _DagRunListener:
