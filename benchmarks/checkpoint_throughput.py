@@ -141,12 +141,16 @@ def measure_recovery(options: dict, mb: int) -> dict[str, float]:
         restarted = timed(restart)[0]
         ray.init(address=cluster.status().address, log_to_driver=False)
         ray.get(ray.remote(lambda: 0).remote())
-        restores, recomputes = [], []
+        single = TaskCheckpoint(Store(ckpt.store.root, {**options, "max_concurrency": 1}), ckpt.key)
+        restores, singles, recomputes = [], [], []
         for _ in range(2):
             restores.append(timed(in_store, restore_result, ckpt, None, manifest.sha256)[0])
+            singles.append(timed(in_store, restore_result, single, None, manifest.sha256)[0])
             recomputes.append(timed(in_store, recompute)[0])
         return {"first run (compute + checkpoint)": produced, "cluster restart": restarted,
-                "restore from checkpoint": statistics.median(restores), "recompute": statistics.median(recomputes)}
+                "restore from checkpoint": statistics.median(restores),
+                "restore from checkpoint, one stream": statistics.median(singles),
+                "recompute": statistics.median(recomputes)}
     finally:
         ray.shutdown()
         cluster.stop()

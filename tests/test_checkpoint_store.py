@@ -195,6 +195,9 @@ def test_reference_locations_must_match_their_task(store: Store) -> None:
     assert checkpoint_of(ref, "unit_dag", RUN_ID, "produce", -1).load_result(expected_sha256=info["sha256"]) == 42
     with pytest.raises(CheckpointError, match="does not match the task"):
         checkpoint_of(ref, "unit_dag", RUN_ID, "other_task", -1)
+    suffix = ref["uri"][ref["uri"].index("/unit_dag/"):]
+    with pytest.raises(CheckpointError, match="protocol 'http'"):
+        checkpoint_of({**ref, "uri": "http://elsewhere.invalid" + suffix}, "unit_dag", RUN_ID, "produce", -1)
 
 
 def test_s3_credentials_and_endpoint_come_from_the_airflow_connection(s3_endpoint: str) -> None:
@@ -230,6 +233,7 @@ def test_cli_lists_deletes_and_prunes(tmp_path: Path) -> None:
     listed = cli("list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert sorted(r["run"] for r in json.loads(listed.stdout)) == ["run_a", "run_b"]
+    assert {r["dag"] for r in json.loads(listed.stdout)} == {"cli_dag"}
     deleted = cli("delete", "--dag-id", "cli_dag", "--run-id", "run_a")
     assert deleted.returncode == 0 and "1 task" in deleted.stdout, deleted.stderr
     assert [r["run"] for r in json.loads(cli("list", "--json").stdout)] == ["run_b"]
@@ -251,3 +255,19 @@ def test_tune_storage_is_a_pyarrow_view_of_the_same_store(store: Store) -> None:
         out.write(b'{"trials": 3}')
     fs, _ = store.filesystem()
     assert fs.cat_file(f"{path}/experiment_state.json") == b'{"trials": 3}'
+
+
+def test_the_ray_connection_sets_the_default_store(s3_endpoint: str, connection: Any, tmp_path: Path) -> None:
+    from airflow_ray_provider.storage import store_for
+
+    conn_id = connection("ray_ckpt", extra={"checkpoint_path": f"s3://{BUCKET}/from-conn",
+                                            "checkpoint_conn_id": "ckpt_s3",
+                                            "checkpoint_storage_options": {"max_concurrency": 1}})
+    store, store_conn = store_for(conn_id)
+    assert store.root == f"s3://{BUCKET}/from-conn" and store_conn == "ckpt_s3"
+    assert store.storage_options["max_concurrency"] == 1 and store.storage_options["endpoint_url"] == s3_endpoint
+    assert store.filesystem()[0].max_concurrency == 1
+    override, override_conn = store_for(conn_id, f"file://{tmp_path}", "")
+    assert override.root == str(tmp_path) and not override_conn
+    bare, _ = store_for(connection("ray_bare", extra={}))
+    assert bare.root.endswith("/ray-checkpoints") and os.path.isabs(bare.root)

@@ -78,6 +78,14 @@ def safe_component(text: str) -> str:
     return segment
 
 
+def original_component(segment: str) -> str:
+    """The id a :func:`safe_component` segment came from (long, digest-cut ids are shown as stored)."""
+    if "~~" in segment:
+        return segment
+    return re.sub(r"(?:~[0-9A-F]{2})+", lambda m: bytes.fromhex(m.group(0).replace("~", "")).decode(
+        errors="replace"), segment)
+
+
 @dataclass(frozen=True)
 class Store:
     """A checkpoint root (``file:///…``, ``s3://bucket/prefix``, ``gs://…``) and the fsspec options to reach it.
@@ -629,7 +637,8 @@ def list_runs(store: Store, dag_id: str | None = None) -> list[dict[str, Any]]:
         if len(rel) <= depth:
             continue
         folder = "/".join(rel[:depth])
-        row = rows.setdefault(folder, {"dag": rel[0], "run": rel[1], "task": rel[2], "map_index": rel[3],
+        row = rows.setdefault(folder, {"dag": original_component(rel[0]), "run": original_component(rel[1]),
+                                       "task": original_component(rel[2]), "map_index": rel[3],
                                        "bytes": 0, "modified": 0.0, "path": f"{root}/{folder}",
                                        "uri": store.url(f"{root}/{folder}")})
         row["bytes"] += int(info.get("size") or 0)

@@ -48,7 +48,7 @@ def _checkpoints(args: argparse.Namespace) -> int:
     from airflow_ray_provider import checkpoint
     from airflow_ray_provider.storage import checkpoint_retention, make_store, store_for
 
-    store = make_store(args.path, args.conn_id) if args.path else store_for(args.ray_conn_id, None, args.conn_id)
+    store = make_store(args.path, args.conn_id) if args.path else store_for(args.ray_conn_id, None, args.conn_id)[0]
     if args.action == "list":
         rows = checkpoint.list_runs(store, args.dag_id)
         if args.json:

@@ -172,7 +172,7 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
         )
         kwargs = self._portable_kwargs()
         args = tuple(self._materialize(a) for a in self.op_args)
-        job = self._checkpoint_job(settings) if self.checkpoint else None
+        job = self._checkpoint_job() if self.checkpoint else None
         inputs = inputs_digest((args, kwargs)) if job is not None else None
         args, kwargs = by_reference((args, kwargs), self.ray_conn_id, settings.namespace, self.task_label, self.log)
         options: dict[str, Any] = {"name": self.task_label}
@@ -215,19 +215,17 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
                 run.release()
             self._ray_run = None
 
-    def _checkpoint_job(self, settings: Any) -> CheckpointJob:
+    def _checkpoint_job(self) -> CheckpointJob:
         from airflow_ray_provider.checkpoint import TaskCheckpoint, TaskKey
-        from airflow_ray_provider.storage import default_root, make_store
+        from airflow_ray_provider.storage import store_for
         from airflow_ray_provider.worker import CheckpointJob
 
         ident = self._ray_identity
-        root = self.checkpoint_path or settings.checkpoint_path or default_root()
-        self._store_conn_id = self.checkpoint_conn_id if self.checkpoint_conn_id is not None \
-            else settings.checkpoint_conn_id
+        store, self._store_conn_id = store_for(self.ray_conn_id, self.checkpoint_path, self.checkpoint_conn_id)
         key = TaskKey(self.dag_id, str(ident.get("run_id") or ""), self.task_id, int(ident.get("map_index", -1)))
         mapped_over = not ident.get("is_mapped") and next(self.iter_mapped_dependants(), None) is not None
         split = "dict" if self.multiple_outputs else "auto" if mapped_over else None
-        return CheckpointJob(TaskCheckpoint(make_store(root, self._store_conn_id), key), fingerprint="",
+        return CheckpointJob(TaskCheckpoint(store, key), fingerprint="",
                              reuse=not (self.checkpoint_recompute or ident.get("recompute")), split=split)
 
     def _reference(self, run: RayTaskRun, location: Location,

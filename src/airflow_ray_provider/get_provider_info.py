@@ -66,6 +66,12 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "Airflow connection with the store's credentials, e.g. an aws connection "
                         "(endpoint_url for MinIO)",
                     },
+                    "checkpoint_storage_options": {
+                        "label": "Checkpoint storage options (JSON)",
+                        "schema": {"type": ["object", "string", "null"]},
+                        "description": "Extra fsspec options for the checkpoint store, e.g. {\"max_concurrency\": 1} "
+                        "for s3fs",
+                    },
                     "autoscaling": {
                         "label": "Cluster autoscales",
                         "schema": {"type": ["boolean", "null"], "default": False},

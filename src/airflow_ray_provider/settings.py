@@ -94,6 +94,7 @@ class RaySettings:
     autoscaling: bool = False
     checkpoint_path: str | None = None
     checkpoint_conn_id: str | None = None
+    checkpoint_storage_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_fields(
@@ -128,6 +129,8 @@ class RaySettings:
             lease_timeout=_number(extra_d, "lease_timeout", 60.0, 5.0),
             owner_shards=shards,
             autoscaling=bool(autoscaling),
+            checkpoint_storage_options=_as_dict(extra_d.get("checkpoint_storage_options"),
+                                                "checkpoint_storage_options"),
             **checkpoint,
         )
 

@@ -15,6 +15,8 @@ from typing import Any
 from airflow_ray_provider.checkpoint import CheckpointError, Store, TaskCheckpoint, TaskKey
 
 DEFAULT_FOLDER = "ray-checkpoints"
+# Storage protocols a checkpoint location read back from the metadata DB may use (no http, no memory://).
+STORAGE_PROTOCOLS = {"file", "local", "s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "hdfs", "oss"}
 
 
 def default_root() -> str:
@@ -33,21 +35,26 @@ def checkpoint_retention() -> float:
     return conf.getfloat("ray", "checkpoint_retention", fallback=-1.0)
 
 
-def store_for(ray_conn_id: str, path: str | None = None, conn_id: str | None = None) -> Store:
-    """The checkpoint store for a task: its own overrides, else its ``ray`` connection's, else the default."""
+def store_for(ray_conn_id: str, path: str | None = None, conn_id: str | None = None) -> tuple[Store, str | None]:
+    """The checkpoint store for a task and the connection id of its credentials.
+
+    A task's own overrides win, then its ``ray`` connection's extras, then the default.
+    """
     from airflow_ray_provider.hooks import RayHook
 
     settings = RayHook(ray_conn_id).settings
     root = path or settings.checkpoint_path or default_root()
     store_conn = conn_id if conn_id is not None else settings.checkpoint_conn_id
-    return make_store(root, store_conn)
+    return make_store(root, store_conn, settings.checkpoint_storage_options), store_conn
 
 
-def make_store(root: str, conn_id: str | None) -> Store:
+def make_store(root: str, conn_id: str | None, extra_options: dict[str, Any] | None = None) -> Store:
+    """A :class:`Store` for ``root``; ``extra_options`` (plain fsspec options, e.g. s3fs's
+    ``max_concurrency``) go over what the connection gives."""
     if root.startswith("file://"):
         root = root[len("file://"):]
     Store(root)  # validates the root before any connection is read
-    return Store(root, storage_options(conn_id, _protocol(root)))
+    return Store(root, {**storage_options(conn_id, _protocol(root)), **(extra_options or {})})
 
 
 def _protocol(root: str) -> str:
@@ -98,7 +105,8 @@ def _s3_options(conn_id: str) -> dict[str, Any]:
     return options
 
 
-def checkpoint_of(reference: dict[str, Any], dag_id: str, run_id: str, task_id: str, map_index: int) -> TaskCheckpoint:
+def checkpoint_of(reference: dict[str, Any], dag_id: str, run_id: str, task_id: str, map_index: int,
+                  extra_options: dict[str, Any] | None = None) -> TaskCheckpoint:
     """Rebuild a task's checkpoint from the location an XCom reference records.
 
     The recorded URL must end in exactly the folder layout this task's ids give, so a
@@ -111,4 +119,7 @@ def checkpoint_of(reference: dict[str, Any], dag_id: str, run_id: str, task_id: 
         raise CheckpointError(f"Checkpoint location {uri!r} does not match the task it is recorded for "
                               f"(expected it to end in {suffix!r})")
     root = uri[: -len(suffix)]
-    return TaskCheckpoint(make_store(root, reference.get("conn_id")), key)
+    if _protocol(root) not in STORAGE_PROTOCOLS:
+        raise CheckpointError(f"Checkpoint location {uri!r} uses protocol {_protocol(root)!r}; allowed are "
+                              f"{sorted(STORAGE_PROTOCOLS)}")
+    return TaskCheckpoint(make_store(root, reference.get("conn_id"), extra_options), key)

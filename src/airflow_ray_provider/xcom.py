@@ -188,12 +188,13 @@ def object_refs(objects: list[RayObject], restore_log: Any = None) -> list[Any]:
 def checkpoint_of_object(obj: RayObject) -> Any:
     """The upstream task's :class:`~.checkpoint.TaskCheckpoint`, rebuilt from the reference and validated."""
     from airflow_ray_provider.checkpoint import CheckpointError
+    from airflow_ray_provider.hooks import RayHook
     from airflow_ray_provider.storage import checkpoint_of
 
     assert obj.checkpoint is not None
     try:
         return checkpoint_of(obj.checkpoint, obj.origin.dag_id, obj.origin.run_id, obj.origin.task_id,
-                             obj.origin.map_index)
+                             obj.origin.map_index, RayHook(obj.location.conn_id).settings.checkpoint_storage_options)
     except CheckpointError as exc:
         raise RayXComReferenceError(f"Ray XCom reference of {obj.origin.label(obj.item)}: {exc}") from None
 
