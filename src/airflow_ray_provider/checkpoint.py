@@ -404,7 +404,10 @@ def _type_name(value: Any) -> str:
 
 
 def _split(value: Any, split: str | None) -> tuple[str, list[str | None], list[Any]]:
-    if split is not None and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+    """Items as separate parts, the same way the owner actor splits them (so part ``i`` is item ``i``)."""
+    if split is None or not isinstance(value, (dict, list, tuple)) or not 0 < len(value) <= MAX_PARTS:
+        return "value", [None], [value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return "dict", list(value), list(value.values())
     if split == "auto" and isinstance(value, (list, tuple)):
         return type(value).__name__, [None] * len(value), list(value)
