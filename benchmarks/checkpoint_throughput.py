@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import shutil
 import statistics
 import subprocess
 import sys
@@ -154,6 +155,7 @@ def measure_recovery(options: dict, mb: int) -> dict[str, float]:
     finally:
         ray.shutdown()
         cluster.stop()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def report(rows: dict[str, list[float]], size_mb: float, recovery: dict[str, float] | None,
