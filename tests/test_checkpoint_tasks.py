@@ -99,6 +99,27 @@ def test_rerun_restores_instead_of_recomputing_unless_inputs_change_or_forced(tm
     assert "Restored this task's result" not in output
 
 
+def test_mapped_tasks_and_split_items_are_checkpointed_one_by_one(tmp_path: Path, s3_endpoint: str) -> None:
+    marker = tmp_path / "bodies.log"
+    code = f"""
+        dr = checkpoint_dags.ckpt_mapped_dag.test(run_after=checkpoint_dags.START, logical_date=checkpoint_dags.START,
+                                                 run_conf={{"marker": {str(marker)!r}}})
+        emit(states=task_states(dr), run_id=dr.run_id, total=pulled(dr, "total"))
+    """
+    first, _ = run_py(code, env=ray_conn("mapped"))
+    assert first["total"] == 50 and set(first["states"].values()) == {"success"}
+    assert sorted(lines(marker)) == ["numbers", "square 3", "square 4", "square 5"]
+    keys = [o["Key"] for o in s3_client(s3_endpoint).list_objects_v2(Bucket=BUCKET, Prefix="mapped/")["Contents"]]
+    # mapped/<dag>/<run>/<task>/<map index>/result/manifest.json
+    folders = {"/".join(k.split("/")[3:5]) for k in keys if k.endswith("/result/manifest.json")}
+    assert folders == {"numbers/-1", "square/0", "square/1", "square/2"}, keys
+    ref = parse_reference(stored("ckpt_mapped", first["run_id"], "numbers"))
+    assert [item.checkpoint["part"] for item in ref] == [0, 1, 2]  # each item is its own file
+    again, output = run_py(code, env=ray_conn("mapped"))
+    assert again["total"] == 50 and len(lines(marker)) == 4  # nothing ran again
+    assert output.count("Restored this task's result from its checkpoint") == 4
+
+
 def test_a_retry_resumes_from_progress_saved_mid_task(tmp_path: Path) -> None:
     marker = tmp_path / "epochs.log"
     result, output = run_py(f"""

@@ -143,5 +143,26 @@ def ckpt_store_down():
     produce_again()
 
 
-for factory in (ckpt_restart, ckpt_reuse, ckpt_progress, ckpt_killed_writer, ckpt_store_down):
+@dag(dag_id="ckpt_mapped", schedule=None, start_date=START, params={"marker": ""})
+def ckpt_mapped():
+    """A checkpointed list fanned out to checkpointed mapped Ray tasks: one checkpoint per item and instance."""
+
+    @task.ray(checkpoint=True)
+    def numbers(marker: str) -> list:
+        _mark(marker, "numbers")
+        return [3, 4, 5]
+
+    @task.ray(checkpoint=True)
+    def square(x: int, marker: str) -> int:
+        _mark(marker, f"square {x}")
+        return x * x
+
+    @task
+    def total(values: list) -> int:
+        return sum(values)
+
+    total(square.partial(marker="{{ params.marker }}").expand(x=numbers("{{ params.marker }}")))
+
+
+for factory in (ckpt_restart, ckpt_reuse, ckpt_progress, ckpt_killed_writer, ckpt_store_down, ckpt_mapped):
     globals()[f"{factory.__name__}_dag"] = factory()
