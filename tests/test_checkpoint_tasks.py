@@ -180,3 +180,39 @@ def test_an_unreachable_store_fails_the_task_instead_of_succeeding(tmp_path: Pat
     assert f"Cannot read the checkpoint at s3://{BUCKET}/down/ckpt_store_down/" in output
     assert f"Writing the checkpoint to s3://{BUCKET}/down/ckpt_store_down/" in output
     assert "Returned value was" not in output
+
+
+def test_load_result_reads_past_results_from_ray_or_the_checkpoint(tmp_path: Path) -> None:
+    """The notebook helper: latest successful run by default, Ray first, then the checkpoint."""
+    result, output = run_py(f"""
+        import ray
+        from airflow_ray_provider.hooks import RayHook
+        from airflow_ray_provider.owner import get_owner
+        from airflow_ray_provider.reference import parse_reference
+        from airflow_ray_provider.results import ResultNotFound, load_result
+        dr = checkpoint_dags.ckpt_reuse_dag.test(run_conf={{"n": 4, "marker": {str(tmp_path / "m.log")!r}}})
+        latest = load_result("ckpt_reuse", "produce")
+        total = load_result("ckpt_reuse", "total", run_id=dr.run_id)
+        from airflow.models.xcom import XComModel
+        from airflow.utils.session import create_session
+        from sqlalchemy import select
+        with create_session() as s:
+            raw = s.execute(select(XComModel.value).where(XComModel.dag_id == "ckpt_reuse",
+                XComModel.run_id == dr.run_id, XComModel.task_id == "produce")).scalar_one()
+        obj = parse_reference(raw)
+        RayHook().get_conn()
+        ray.get(get_owner(obj.location.namespace, obj.location.owner).release.remote([obj.key]))  # Ray lost it
+        restored = load_result("ckpt_reuse", "produce", run_id=dr.run_id)
+        errors = []
+        for args in (("ckpt_reuse", "nope"), ("no_such_dag", "produce")):
+            try:
+                load_result(*args)
+            except ResultNotFound as exc:
+                errors.append(str(exc))
+        emit(latest=latest, total=total, restored=restored, errors=errors)
+    """, env=ray_conn("results"))
+    assert result["latest"] == [0, 1, 4, 9] and result["total"] == 14
+    assert result["restored"] == [0, 1, 4, 9]
+    assert "is not available from Ray (RayXComObjectLost); reading it from its checkpoint" in output
+    assert "task 'nope'" in result["errors"][0] and "no checkpoint" in result["errors"][0]
+    assert "'no_such_dag' has no successful run" in result["errors"][1]
