@@ -43,7 +43,7 @@ MAX_PARTS = 100_000
 _COMPONENT_MAX = 200
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DATA_FILE = re.compile(r"[0-9a-f]{16}-[0-9]{1,6}\.(npy|parquet|arrow|pkl)")
-_CODECS = {"npy": "npy", "parquet": "parquet", "arrow": "arrow", "pickle": "pkl"}
+_CODECS = {"npy": "npy", "parquet": "parquet", "arrow": "arrow", "pickle": "pkl"}  # codec -> file extension
 _CHUNK = 8 * 1024 * 1024
 
 
@@ -118,7 +118,7 @@ class Store:
     def url(self, path: str) -> str:
         """A full URL for a path inside this store (for messages and references)."""
         scheme = self.root.split("://", 1)[0] if "://" in self.root else "file"
-        return f"{scheme}://{path}" if scheme != "file" else f"file://{path}"
+        return f"{scheme}://{path}"
 
 
 @dataclass(frozen=True)
@@ -197,14 +197,6 @@ class TaskCheckpoint:
     def read_manifest(self, expected_sha256: str | None = None) -> Manifest:
         return self._read_manifest(("result",), expected_sha256)
 
-    def find_result(self, fingerprint: str) -> Manifest | None:
-        """The committed result manifest if it was written for the same inputs, else ``None``."""
-        try:
-            manifest = self.read_manifest()
-        except CheckpointNotFound:
-            return None
-        return manifest if manifest.fingerprint == fingerprint else None
-
     def load_result(self, manifest: Manifest | None = None, part: int | None = None,
                     expected_sha256: str | None = None) -> Any:
         """The value (or one item, ``part``) of the committed result, digests checked first."""
@@ -239,15 +231,6 @@ class TaskCheckpoint:
         fs.makedirs(path, exist_ok=True)
         return path, PyFileSystem(FSSpecHandler(fs))
 
-    # -- cleanup -------------------------------------------------------------------------------
-    def delete(self) -> bool:
-        fs, root = self.store.filesystem()
-        folder = self._folder(root)
-        if not fs.exists(folder):
-            return False
-        fs.rm(folder, recursive=True)
-        return True
-
     # -- the machinery -------------------------------------------------------------------------
     def _write(self, sub: tuple[str, ...], value: Any, *, fingerprint: str | None = None,
                split: str | None = None) -> dict[str, Any]:
@@ -260,8 +243,8 @@ class TaskCheckpoint:
         try:
             fs.makedirs(folder, exist_ok=True)
             for n, (name, item) in enumerate(zip(names, items, strict=True)):
-                codec, ext, writer = _encoder(item)
-                file_name = f"{token}-{n}.{ext}"
+                codec, writer = _encoder(item)
+                file_name = f"{token}-{n}.{_CODECS[codec]}"
                 digest, size = _put(fs, f"{folder}/{file_name}", writer)
                 parts.append({"name": name, "file": file_name, "codec": codec, "type": _type_name(item),
                               "size": size, "sha256": digest})
@@ -284,18 +267,13 @@ class TaskCheckpoint:
         url = self.store.url(path)
         try:
             size = fs.size(path)
+            body = fs.cat_file(path) if size is not None and size <= MAX_MANIFEST_BYTES else None
         except FileNotFoundError:
             raise CheckpointNotFound(f"No checkpoint at {url}") from None
         except Exception as exc:
             raise CheckpointError(f"Cannot read the checkpoint at {url}: {type(exc).__name__}: {exc}") from exc
-        if size is None or size > MAX_MANIFEST_BYTES:
+        if body is None:
             raise CheckpointCorrupted(f"Checkpoint manifest {url} is {size} bytes; refusing to read it")
-        try:
-            body = fs.cat_file(path)
-        except FileNotFoundError:
-            raise CheckpointNotFound(f"No checkpoint at {url}") from None
-        except Exception as exc:
-            raise CheckpointError(f"Cannot read the checkpoint at {url}: {type(exc).__name__}: {exc}") from exc
         return parse_manifest(body, url, self.key, expected_sha256)
 
     def _load(self, sub: tuple[str, ...], manifest: Manifest, part: int | None) -> Any:
@@ -414,14 +392,14 @@ def _split(value: Any, split: str | None) -> tuple[str, list[str | None], list[A
     return "value", [None], [value]
 
 
-def _encoder(value: Any) -> tuple[str, str, Any]:
-    """``(codec, extension, write(fileobj))`` for a value: columnar and array formats where they fit."""
+def _encoder(value: Any) -> tuple[str, Any]:
+    """``(codec, write(fileobj))`` for a value: columnar and array formats where they fit."""
     module = type(value).__module__.split(".")[0]
     if module == "numpy":
         import numpy as np
 
         if isinstance(value, np.ndarray) and not value.dtype.hasobject:
-            return "npy", "npy", lambda f: _write_npy(f, value)
+            return "npy", lambda f: _write_npy(f, value)
     if module == "pandas":
         import pandas as pd
 
@@ -430,7 +408,7 @@ def _encoder(value: Any) -> tuple[str, str, Any]:
             if table is not None:
                 import pyarrow.parquet as pq
 
-                return "parquet", "parquet", lambda f: pq.write_table(table, f)
+                return "parquet", lambda f: pq.write_table(table, f)
     if module == "pyarrow":
         import pyarrow as pa
 
@@ -439,10 +417,10 @@ def _encoder(value: Any) -> tuple[str, str, Any]:
                 with pa.ipc.new_file(f, value.schema) as writer:
                     writer.write_table(value)
 
-            return "arrow", "arrow", write_arrow
+            return "arrow", write_arrow
     from ray import cloudpickle
 
-    return "pickle", "pkl", lambda f: cloudpickle.dump(value, f, protocol=5)
+    return "pickle", lambda f: cloudpickle.dump(value, f, protocol=5)
 
 
 def _write_npy(f: Any, array: Any) -> None:
@@ -521,19 +499,20 @@ def _put(fs: Any, path: str, writer: Any) -> tuple[str, int]:
     once); streaming through ``fs.open`` would upload one part at a time.
     """
     if _is_local(fs):
-        with open(path, "wb") as raw, io.BufferedWriter(_HashingFile(raw), _CHUNK) as out:
-            writer(out)
-            out.flush()
-            digest, size = out.raw.sha256.hexdigest(), out.raw.size
-        return digest, size
+        return _encode_to(path, writer)
     with tempfile.TemporaryDirectory(prefix="airflow-ray-ckpt-") as tmp:
         local = os.path.join(tmp, "data")
-        with open(local, "wb") as raw, io.BufferedWriter(_HashingFile(raw), _CHUNK) as out:
-            writer(out)
-            out.flush()
-            digest, size = out.raw.sha256.hexdigest(), out.raw.size
+        digest, size = _encode_to(local, writer)
         fs.put_file(local, path, **_transfer_options(fs))
     return digest, size
+
+
+def _encode_to(path: str, writer: Any) -> tuple[str, int]:
+    """Run ``writer`` into a local file; returns the sha256 and size of what it wrote."""
+    with open(path, "wb") as raw, io.BufferedWriter(_HashingFile(raw), _CHUNK) as out:
+        writer(out)
+        out.flush()
+        return out.raw.sha256.hexdigest(), out.raw.size
 
 
 def _transfer_options(fs: Any) -> dict[str, Any]:
