@@ -174,8 +174,7 @@ def object_refs(objects: list[RayObject], restore_log: Any = None) -> list[Any]:
     refs: list[Any] = [None] * len(objects)
     for location, indexes in by_owner.items():
         _connect(location)
-        owner = _owner(location)
-        found = ray.get(owner.get_many.remote([objects[i].key for i in indexes]))
+        found = ray.get(_owner(location).get_many.remote([objects[i].key for i in indexes]))
         for i, ref in zip(indexes, found, strict=True):
             if ref is None and objects[i].checkpoint is not None and restore_log is not None:
                 ref = _restore_into_ray(objects[i], restore_log)
@@ -200,7 +199,7 @@ def checkpoint_of_object(obj: RayObject) -> Any:
 
 
 def worker_checkpoint(obj: RayObject) -> tuple[Any, int | None, str] | None:
-    """What a Ray worker needs to restore ``obj`` itself if it is lost after being handed over."""
+    """``(checkpoint, part, sha256)``: what a Ray worker needs to restore ``obj`` (``checkpoint.restore_result``)."""
     if obj.checkpoint is None:
         return None
     return checkpoint_of_object(obj), obj.checkpoint["part"], obj.checkpoint["sha256"]
@@ -215,7 +214,7 @@ def _restore_into_ray(obj: RayObject, log: Any) -> Any:
     from airflow_ray_provider.submission import RayTaskRun
 
     assert obj.checkpoint is not None
-    checkpoint = checkpoint_of_object(obj)
+    restore_args = worker_checkpoint(obj)
     settings = RayHook(obj.location.conn_id).settings
     log.warning("The result of %s is gone from Ray; restoring it from its checkpoint %s",
                 obj.origin.label(obj.item), obj.checkpoint["uri"])
@@ -223,8 +222,7 @@ def _restore_into_ray(obj: RayObject, log: Any) -> Any:
     run = RayTaskRun(key=obj.key, task_label=f"restore {obj.origin.label(obj.item)}", namespace=obj.location.namespace,
                      shards=1, lease_s=settings.lease_timeout, log=log, shard=obj.location.owner)
     try:
-        run.submit(restore_result, (checkpoint, obj.checkpoint["part"], obj.checkpoint["sha256"]), {},
-                   {"num_cpus": 0, "name": f"restore:{obj.key}"[:200]})
+        run.submit(restore_result, restore_args, {}, {"num_cpus": 0, "name": f"restore:{obj.key}"[:200]})
     except KeyError:
         pass  # another consumer is restoring it right now: wait for theirs
     else:
@@ -252,7 +250,7 @@ def fetch(ref: AnyReference) -> Any:
         values = ray.get(refs)
     except (RayXComObjectLost, RayConnectionError, ray.exceptions.ObjectLostError,
             ray.exceptions.OwnerDiedError) as exc:
-        if not objects or any(obj.checkpoint is None for obj in objects):
+        if any(obj.checkpoint is None for obj in objects):
             if isinstance(exc, RayXComObjectLost | RayConnectionError):
                 raise
             raise RayXComObjectLost(lost_message(objects[0], type(exc).__name__)) from None
