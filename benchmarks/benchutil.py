@@ -55,3 +55,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def publish(report: str, out: Path) -> None:
+    """Print a finished Markdown report and write it to ``out`` (under ``benchmarks/results/``)."""
+    print("\n" + report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(f"written to {out}")

@@ -31,7 +31,7 @@ import boto3
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import cpu_model, provider_commit
+from benchutil import cpu_model, provider_commit, publish
 
 from airflow_ray_provider.checkpoint import Store, TaskCheckpoint, TaskKey
 from airflow_ray_provider.local_cluster import LocalRayCluster, free_ports, port_open
@@ -187,9 +187,7 @@ def report(rows: dict[str, list[float]], size_mb: float, recovery: dict[str, flo
         lines += [f"| {k} | {v:.2f} |" for k, v in recovery.items()]
         lines += ["", "Recompute here is generating the random array; a real upstream usually computes far "
                   "longer, while the restore time depends only on the size."]
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish("\n".join(lines) + "\n", RESULTS)
 
 
 if __name__ == "__main__":

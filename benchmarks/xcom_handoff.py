@@ -58,7 +58,7 @@ from importlib import metadata
 from pathlib import Path
 
 import psutil
-from benchutil import cpu_model, med, provider_commit, sh
+from benchutil import cpu_model, med, provider_commit, publish, sh
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -416,11 +416,7 @@ class Bench:
             self.stop_head()
         self.load.append(os.getloadavg()[0])
         self.commit.append(provider_commit())
-        report = self.report()
-        print("\n" + report)
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(report)
-        print(f"written to {a.out}")
+        publish(self.report(), a.out)
         if a.keep_home:
             print(f"kept {self.work} (AIRFLOW_HOMEs, run logs under <backend>/run-logs)")
         else:
