@@ -46,6 +46,13 @@ def emit(**values):
 """
 
 
+def session_ray_conn(**extra: object) -> dict[str, str]:
+    """The environment for a subprocess: the session's ``ray_default`` with ``extra`` over its extras."""
+    current = json.loads(os.environ["AIRFLOW_CONN_RAY_DEFAULT"])
+    current["extra"] = {**current["extra"], **extra}
+    return {"AIRFLOW_CONN_RAY_DEFAULT": json.dumps(current)}
+
+
 def start_py(code: str, *, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """Like :func:`run_py`, but in the background, for tests that act on the run while it goes."""
     full_env = {**os.environ, "AIRFLOW__CORE__XCOM_BACKEND": BACKEND, "PYTHONPATH": str(ROOT), **(env or {})}

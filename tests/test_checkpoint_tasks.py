@@ -7,7 +7,6 @@ counted, not assumed.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -19,7 +18,7 @@ import pytest
 
 from airflow_ray_provider.reference import parse_reference
 from tests.conftest import BUCKET, s3_client
-from tests.dag_runs import result_of, run_py, start_py
+from tests.dag_runs import result_of, run_py, session_ray_conn, start_py
 from tests.test_xcom_backend import stored
 
 pytestmark = pytest.mark.usefixtures("ray_cluster", "s3_endpoint")
@@ -27,10 +26,8 @@ pytestmark = pytest.mark.usefixtures("ray_cluster", "s3_endpoint")
 
 def ray_conn(prefix: str, **extra: object) -> dict[str, str]:
     """The session's Ray connection, with its checkpoint root on the S3 endpoint."""
-    current = json.loads(os.environ["AIRFLOW_CONN_RAY_DEFAULT"])
-    current["extra"] = {**current["extra"], "checkpoint_path": f"s3://{BUCKET}/{prefix}",
-                        "checkpoint_conn_id": "ckpt_s3", **extra}
-    return {"AIRFLOW_CONN_RAY_DEFAULT": json.dumps(current)}
+    return session_ray_conn(**{"checkpoint_path": f"s3://{BUCKET}/{prefix}", "checkpoint_conn_id": "ckpt_s3",
+                               **extra})
 
 
 def lines(path: Path) -> list[str]:

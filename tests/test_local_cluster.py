@@ -61,11 +61,31 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
         state = json.loads(started.stdout)
         status = run("status")
         assert status.returncode == 0 and state["address"] in status.stdout
+        assert f"Ray Client: {state['client_address']}" in status.stdout
+        assert state["client_address"].startswith("ray://127.0.0.1:")
         assert (tmp_path / "ray" / "local-cluster.json").exists()
     finally:
         stopped = run("stop")
     assert stopped.stdout.strip() == "stopped"
     assert run("status").stdout.strip() == "not running"
+
+
+def test_a_saved_ray_token_does_not_lock_the_provider_out_of_its_embedded_head(tmp_path: Path) -> None:
+    """Any earlier ``ray.init()`` writes ``~/.ray/auth_token``; ``ray start`` then turns token auth on unless
+    told otherwise, and a client without the token was refused. The embedded head stays reachable."""
+    home = tmp_path / "user"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("a" * 64)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(home), AIRFLOW_HOME=str(tmp_path / "airflow"))
+    env.pop("AIRFLOW_CONN_RAY_DEFAULT", None)  # no connection: the embedded head
+    code = ("import ray; from airflow_ray_provider.hooks import RayHook; RayHook().get_conn(); "
+            "print('sum', ray.get(ray.remote(lambda: 40 + 2).remote()))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        LocalRayCluster(tmp_path / "airflow" / "ray").stop()
+    assert proc.returncode == 0 and "sum 42" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_malformed_state_file_is_refused(tmp_path: Path) -> None:

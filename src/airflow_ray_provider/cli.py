@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asdict(state)))
     else:
         print(f"running at {state.address} (state: {cluster.state_file}, Ray temp dir: {state.temp_dir})")
+        if state.client_address:
+            print(f"Ray Client: {state.client_address}")
         if state.dashboard_url:
             print(f"dashboard: {state.dashboard_url}")
     return 0

@@ -158,6 +158,16 @@ class _NoSigtermWarning(logging.Filter):
 _NO_SIGTERM_WARNING = _NoSigtermWarning()  # one instance: addFilter ignores an instance it already has
 
 
+def _reload_ray_auth_config() -> None:
+    """Ray reads ``RAY_AUTH_MODE`` and the token when it is imported, long before a task picks its
+    connection; without a reload the token set above is never sent and the cluster refuses the driver.
+    This is what Ray's own ``ray start`` does after enabling token auth (a private API, pinned Ray)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def _connect_bounded(target: str, settings: RaySettings) -> None:
     """``ray.init`` retries for minutes on a dead address; bound it and name the address.
 
@@ -177,6 +187,7 @@ def _connect_bounded(target: str, settings: RaySettings) -> None:
     if settings.auth_token:
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN"] = settings.auth_token
+        _reload_ray_auth_config()
     outcome: dict[str, BaseException | None] = {}
 
     def _init() -> None:
@@ -196,4 +207,20 @@ def _connect_bounded(target: str, settings: RaySettings) -> None:
         )
     error = outcome.get("error")
     if error is not None:
+        if _refused_token(error):
+            given = "refused the token in the ray connection's password" if settings.auth_token else (
+                "requires a token (RAY_AUTH_MODE=token): put it in the ray connection's password")
+            raise RayConnectionError(f"Cannot connect to the Ray cluster at {target}: the cluster {given}") from error
         raise RayConnectionError(f"Cannot connect to the Ray cluster at {target}: {error}") from error
+
+
+def _refused_token(error: BaseException | None) -> bool:
+    """Whether ``ray.init`` failed because of token authentication (Ray wraps it in other errors)."""
+    from ray.exceptions import AuthenticationError
+
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, AuthenticationError) or "InvalidAuthToken" in str(error):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     # Not detached: the factory must die with this driver, so a dead keeper is noticed and replaced.
     factory = ray.remote(owner.OwnerFactory).options(
         name=owner.FACTORY_NAME, namespace=owner.SYSTEM_NAMESPACE, get_if_exists=True, num_cpus=0,
-        max_concurrency=64,
+        resources=owner.ON_HEAD_NODE, max_concurrency=64,
     ).remote()
     ray.get(factory.ping.remote())
     print(f"keeper ready: job {ray.get_runtime_context().get_job_id()}", flush=True)

@@ -53,6 +53,7 @@ class LocalClusterState:
     dashboard_url: str | None
     started_at: float
     version: int = _STATE_VERSION
+    client_address: str | None = None  # Ray Client (ray://); absent in state files written before it
 
 
 def airflow_home() -> Path:
@@ -71,6 +72,16 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def ray_process_env() -> dict[str, str]:
+    """The environment for Ray processes this package starts (heads, joined nodes, probe drivers).
+
+    Ray turns token auth on for a new node whenever ~/.ray/auth_token exists (any earlier ray.init()
+    writes one) and RAY_AUTH_MODE is unset; clients that do not send the token are then refused. So one
+    mode is set explicitly: the user's RAY_AUTH_MODE if given (``token`` opts in), else ``disabled``.
+    """
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
 
 
 def port_open(host: str, port: int, timeout: float = 2.0) -> bool:
@@ -138,6 +149,7 @@ class LocalRayCluster:
                 dashboard_url=None if raw.get("dashboard_url") is None else str(raw["dashboard_url"]),
                 started_at=float(raw["started_at"]),
                 version=int(raw.get("version", 0)),
+                client_address=None if raw.get("client_address") is None else str(raw["client_address"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise LocalClusterError(f"Malformed state file {self.state_file}: {exc!r}") from exc
@@ -207,7 +219,7 @@ class LocalRayCluster:
             cmd.append(f"--resources={json.dumps(self.resources)}")
         if self.object_store_memory is not None:
             cmd.append(f"--object-store-memory={self.object_store_memory}")
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **RAY_SYSTEM_ENV}
+        env = {**ray_process_env(), **RAY_SYSTEM_ENV}
         with open(self.log_file, "ab") as log:
             # A new session detaches the head from the caller: killing the Airflow
             # task that happened to start it must not take the cluster down.
@@ -232,6 +244,7 @@ class LocalRayCluster:
             temp_dir=str(self.temp_dir),
             dashboard_url=f"http://127.0.0.1:{dashboard}" if self.include_dashboard else None,
             started_at=time.time(),
+            client_address=f"ray://127.0.0.1:{client}",
         )
         self._write_state(state)
         return state

@@ -339,6 +339,12 @@ def _locate_now(runs: list[_Run]) -> None:
         run.in_store = bool(run.size) and bool(run.node_ids or info.get("did_spill"))
 
 
+# The keeper and the owner actors live on the head node. Worker nodes come and go (autoscaling, spot
+# nodes, a crash); an owner on one of them would take every result it owns down with it. The head's
+# loss ends the cluster anyway. Ray's own state actors are pinned the same way.
+ON_HEAD_NODE = {"node:__internal_head__": 0.001}
+
+
 def _factory_or_none() -> Any:
     try:
         return ray.get_actor(FACTORY_NAME, namespace=SYSTEM_NAMESPACE)
@@ -352,7 +358,7 @@ def _keeper_factory() -> Any:
         return factory
     launcher = ray.remote(KeeperLauncher).options(
         name=LAUNCHER_NAME, namespace=SYSTEM_NAMESPACE, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_restarts=-1,
+        num_cpus=0, resources=ON_HEAD_NODE, max_restarts=-1,
     ).remote()
     ray.get(launcher.ensure.remote(KEEPER_START_TIMEOUT_S), timeout=KEEPER_START_TIMEOUT_S + 30)
     factory = _factory_or_none()
@@ -377,6 +383,7 @@ def _create_owner(namespace: str, shard: int) -> Any:
         get_if_exists=True,
         max_concurrency=10_000,
         num_cpus=0,
+        resources=ON_HEAD_NODE,
         max_restarts=-1,
     ).remote()
 

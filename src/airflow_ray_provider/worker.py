@@ -211,8 +211,9 @@ def run_callable(payload: tuple[Any, ...], key: str, owner: Any) -> Any:
             events["checkpoint"] = {"uri": job.checkpoint.result_uri, "sha256": manifest.sha256, "restored": True}
         else:
             fn: Callable[..., Any] = cloudpickle.loads(fn_bytes)
-            args, kwargs = resolve_refs(args), resolve_refs(kwargs)
             with _captured_output(sink), ckpt.bound(job.checkpoint if job is not None else None):
+                # Inside the capture: a restore from a checkpoint says so in the Airflow task log.
+                args, kwargs = resolve_refs(args), resolve_refs(kwargs)
                 result = fn(*args, **kwargs)
             if job is not None and job.write:
                 info = job.checkpoint.write_result(result, fingerprint=job.fingerprint, split=job.split)
