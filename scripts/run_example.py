@@ -1,25 +1,36 @@
 """The README's main job: run an example DAG end to end on the embedded default and print its result.
 
 SQLite metadata DB under ``.airflow/`` and the embedded Ray head (started on first use, then kept for
-later runs; ``airflow-ray local stop`` stops it). Usage: ``python scripts/run_example.py [DAG_ID]``.
+later runs; ``airflow-ray local stop`` stops it). Task results stay in Ray's object store (the Ray XCom
+backend) and checkpointed ones are also written under ``.airflow/ray-checkpoints``.
+
+Usage: ``python scripts/run_example.py [DAG_ID] [--conf JSON]``; the default DAG is the HIGGS pipeline.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = Path(os.environ.get("AIRFLOW_HOME") or ROOT / ".airflow")
-DEFAULT_DAG = "example_ray_basics"
-FINAL_TASK = {"example_ray_basics": "report"}
+DEFAULT_DAG = "example_ray_xgboost_higgs"
+# The task whose small JSON result sums the run up, and the checkpointed task worth loading afterwards.
+FINAL_TASK = {"example_ray_basics": "report", "example_ray_xgboost_higgs": "report",
+              "example_ray_tune_xgboost": "report", "example_ray_fault_tolerance": "verify"}
+TRAINERS = {"xgboost_ray": "xgboost-ray", "ray_train": "Ray Train"}
+LOADABLE_TASK = {"example_ray_xgboost_higgs": "train_xgboost_ray", "example_ray_tune_xgboost": "search",
+                 "example_ray_fault_tolerance": "produce"}
 
 
-def main(dag_id: str) -> int:
-    env = {
+def airflow_env() -> dict[str, str]:
+    return {
         **os.environ,
         "AIRFLOW_HOME": str(HOME),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "example_dags"),
@@ -29,38 +40,64 @@ def main(dag_id: str) -> int:
         "AIRFLOW__CORE__XCOM_BACKEND": os.environ.get("AIRFLOW__CORE__XCOM_BACKEND",
                                                       "airflow_ray_provider.xcom.RayXComBackend"),
     }
-    HOME.mkdir(parents=True, exist_ok=True)
-    airflow = [sys.executable, "-m", "airflow"]
-    log_path = HOME / f"{dag_id}.log"
-    print(f"Airflow home: {HOME} (SQLite); DAGs: {ROOT / 'example_dags'}")
-    subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True)
-    started = time.monotonic()
-    with open(log_path, "w") as log:
-        proc = subprocess.run([*airflow, "dags", "test", dag_id], env=env, stdout=log, stderr=subprocess.STDOUT)
-    elapsed = time.monotonic() - started
-    os.environ.update(env)
+
+
+def final_value(dag_id: str) -> tuple[str, Any]:
+    """The latest run's state and its final task's JSON result, from the metadata DB."""
     from airflow.models.dagrun import DagRun
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
-    from airflow_ray_provider.local_cluster import LocalRayCluster
-
     with create_session() as session:
         run = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id).order_by(DagRun.id.desc())).first()
-        state = str(getattr(run, "state", None))
-        value = None
-        if run is not None and dag_id in FINAL_TASK:
-            value = session.scalar(select(XComModel.value).where(
-                XComModel.dag_id == dag_id, XComModel.run_id == run.run_id,
-                XComModel.task_id == FINAL_TASK[dag_id], XComModel.key == "return_value"))
+        if run is None:
+            return "no run", None
+        value = session.scalar(select(XComModel.value).where(
+            XComModel.dag_id == dag_id, XComModel.run_id == run.run_id,
+            XComModel.task_id == FINAL_TASK.get(dag_id, ""), XComModel.key == "return_value"))
+        return str(run.state), value
+
+
+def main(dag_id: str, conf: dict[str, Any]) -> int:
+    env = airflow_env()
+    HOME.mkdir(parents=True, exist_ok=True)
+    airflow = [sys.executable, "-m", "airflow"]
+    log_path = HOME / f"{dag_id}.log"
+    print(f"Airflow home: {HOME} (SQLite); DAGs: {ROOT / 'example_dags'}", flush=True)
+    subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True)
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.run([*airflow, "dags", "test", dag_id, "--conf", json.dumps(conf)], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    elapsed = time.monotonic() - started
+    os.environ.update(env)
+    from airflow_ray_provider.checkpoint import safe_component
+    from airflow_ray_provider.local_cluster import LocalRayCluster
+    from airflow_ray_provider.storage import store_for
+
+    state, value = final_value(dag_id)
     head = LocalRayCluster().status()
     print(f"DAG {dag_id}: {state} in {elapsed:.1f}s (airflow dags test exit code {proc.returncode})")
-    print(f"Result: {value}")
+    if isinstance(value, dict) and "accuracy" in value:
+        shown = ", ".join(f"{'skipped' if acc is None else f'{acc:.4f}'} ({TRAINERS[name]})"
+                          for name, acc in value["accuracy"].items())
+        print(f"Accuracy: {shown} on {value['validation_rows']} validation rows of {value['data']}")
+    else:
+        print(f"Result: {value}")
+    store, _ = store_for("ray_default")
+    print(f"Checkpoints: {store.root.rstrip('/')}/{safe_component(dag_id)}")
+    if dag_id in LOADABLE_TASK:
+        print(f'Load a result in Python: from airflow_ray_provider.results import load_result; '
+              f'load_result("{dag_id}", "{LOADABLE_TASK[dag_id]}")  (with AIRFLOW_HOME={HOME})')
     print(f"Ray: embedded head at {head.address if head else 'not running'} (state in {HOME / 'ray'})")
     print(f"Task log: {log_path}")
     return 0 if proc.returncode == 0 and state.endswith("success") else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_DAG))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dag_id", nargs="?", default=DEFAULT_DAG, choices=sorted(FINAL_TASK))
+    parser.add_argument("--conf", type=json.loads, default={}, help="DAG run conf (JSON), e.g. '{\"rows\": 20000}'")
+    args = parser.parse_args()
+    sys.exit(main(args.dag_id, args.conf))

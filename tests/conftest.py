@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,47 @@ def ray_cluster() -> Iterator[str]:
         if ray.is_initialized():
             ray.shutdown()
         cluster.stop()
+
+
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"  # trust auth, as on these machines
+
+
+def _pg_connect(dbname: str):
+    import psycopg2
+
+    conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=dbname, connect_timeout=5)
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh, empty database for this test, dropped afterwards."""
+    import psycopg2
+
+    try:
+        admin = _pg_connect("test")
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT}: {str(exc).strip()}")
+    name = f"airflow_ray_sched_{secrets.token_hex(4)}"
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        yield name
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def pg_query(dbname: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    conn = _pg_connect(dbname)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+    finally:
+        conn.close()
 
 
 BUCKET = "airflow-ray-ckpt"

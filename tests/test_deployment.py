@@ -1,0 +1,138 @@
+"""docker-compose.yaml and docker/Dockerfile: no Docker engine here, so the file is checked for what would break.
+
+Parsed with PyYAML (merge keys resolved), then: the services exist and depend only on services that
+exist, every Airflow component and Ray node runs the one image built from docker/Dockerfile, the
+Python and Ray versions agree with pyproject.toml, and the connections the provider reads point at
+the services that serve them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from airflow_ray_provider.settings import RaySettings
+
+ROOT = Path(__file__).resolve().parent.parent
+AIRFLOW_SERVICES = {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
+                    "airflow-triggerer", "airflow-worker"}
+RAY_SERVICES = {"ray-head", "ray-worker"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, Any]:
+    return compose["services"]
+
+
+def env(service: dict[str, Any]) -> dict[str, str]:
+    raw = service.get("environment") or {}
+    if isinstance(raw, list):
+        raw = dict(item.split("=", 1) for item in raw)
+    return {k: str(v) for k, v in raw.items()}
+
+
+def command(service: dict[str, Any]) -> list[str]:
+    raw = service.get("command", [])
+    return shlex.split(raw) if isinstance(raw, str) else list(raw)
+
+
+def option(args: list[str], name: str) -> str:
+    """The value of ``--name=value`` or ``--name value`` in a command line."""
+    for n, arg in enumerate(args):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}":
+            return args[n + 1]
+    raise AssertionError(f"--{name} missing from {args}")
+
+
+def test_all_services_exist_and_depend_on_existing_services(services: dict[str, Any]) -> None:
+    expected = {"postgres", "redis", "minio", "minio-init"} | AIRFLOW_SERVICES | RAY_SERVICES
+    assert expected <= set(services), expected - set(services)
+    for name, service in services.items():
+        for needed in service.get("depends_on") or {}:
+            assert needed in services, f"{name} depends on unknown service {needed}"
+    assert services["airflow-worker"]["deploy"]["replicas"] >= 2
+    for name in AIRFLOW_SERVICES - {"airflow-init"}:
+        assert services[name]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+    assert services["ray-worker"]["depends_on"]["ray-head"]["condition"] == "service_healthy"
+
+
+def test_one_image_with_pyprojects_python_and_ray(services: dict[str, Any]) -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    builds = {json.dumps(services[n].get("build"), sort_keys=True) for n in AIRFLOW_SERVICES | RAY_SERVICES}
+    images = {services[n].get("image") for n in AIRFLOW_SERVICES | RAY_SERVICES}
+    assert len(builds) == 1 and len(images) == 1, (builds, images)  # client and cluster: the same Ray
+    assert services["ray-head"]["build"]["dockerfile"] == "docker/Dockerfile"
+
+    python = re.search(r"^FROM python:(\d+\.\d+)", dockerfile, re.M)
+    allowed = re.fullmatch(r">=(\d+\.\d+),<(\d+\.\d+)", pyproject["requires-python"])
+    assert python and allowed, (python, pyproject["requires-python"])
+    low, high = (tuple(map(int, v.split("."))) for v in allowed.groups())
+    assert low <= tuple(map(int, python[1].split("."))) < high
+
+    ray_pin = next(d for d in pyproject["dependencies"] if d.startswith("ray["))
+    ray_version = ray_pin.split("==")[1]
+    constraints = (ROOT / "constraints.txt").read_text()
+    assert f"\nray=={ray_version}\n" in constraints
+    assert f"-py{python[1]}" in next(iter(images)) and ray_version in next(iter(images))
+    # Installed from this checkout, pinned by the same constraints, with what the compose file needs.
+    install = re.search(r"uv pip install --system -c constraints\.txt \"\.\[([a-z0-9,]+)\]\"", dockerfile)
+    assert install, "the Dockerfile must install this checkout with -c constraints.txt"
+    extras = set(install[1].split(","))
+    assert {"s3", "examples", "deploy"} <= extras <= set(pyproject["optional-dependencies"])
+
+
+def test_airflow_runs_celery_on_the_compose_redis_and_postgres(services: dict[str, Any]) -> None:
+    pg = env(services["postgres"])
+    for name in AIRFLOW_SERVICES:
+        e = env(services[name])
+        assert e["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+        db = urlsplit(e["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+        assert (db.hostname, db.username, db.password, db.path.lstrip("/")) == (
+            "postgres", pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"])
+        assert urlsplit(e["AIRFLOW__CELERY__BROKER_URL"]).hostname == "redis"
+        assert urlsplit(e["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"]).hostname == "airflow-apiserver"
+        assert e["AIRFLOW__CORE__XCOM_BACKEND"] == "airflow_ray_provider.xcom.RayXComBackend"
+        mounts = dict(v.split(":")[:2] for v in services[name].get("volumes", []))
+        if name != "airflow-init":
+            assert mounts["./example_dags"] == e["AIRFLOW__CORE__DAGS_FOLDER"]
+            password_file = e["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]
+            source = next(src for src, dst in mounts.items() if dst == password_file)
+            users = e["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(":")[0]
+            assert users in json.loads((ROOT / source).read_text())
+    assert command(services["airflow-worker"])[:3] == ["airflow", "celery", "worker"]
+
+
+def test_the_ray_connection_reaches_the_head_and_the_checkpoint_bucket(services: dict[str, Any]) -> None:
+    e = env(services["airflow-worker"])
+    conn = json.loads(e["AIRFLOW_CONN_RAY_DEFAULT"])
+    settings = RaySettings.from_fields(extra=conn["extra"])  # the provider's own parsing accepts it
+    host, port = str(settings.address).split(":")
+    head = command(services["ray-head"])
+    assert host == "ray-head" and port == option(head, "port") and port != "6379"  # 6379 is Redis's
+    assert option(command(services["ray-worker"]), "address") == f"ray-head:{port}"
+    assert "--head" in head and "--block" in head and "--block" in command(services["ray-worker"])
+    # The checkpoint bucket is created at start, and its credentials are MinIO's.
+    bucket = urlsplit(settings.checkpoint_path)
+    assert bucket.scheme == "s3"
+    assert f"mb --ignore-existing local/{bucket.hostname}" in services["minio-init"]["entrypoint"]
+    store = json.loads(e[f"AIRFLOW_CONN_{settings.checkpoint_conn_id.upper()}"])
+    minio = env(services["minio"])
+    assert store["conn_type"] == "aws"
+    assert (store["login"], store["password"]) == (minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"])
+    assert urlsplit(store["extra"]["endpoint_url"]).hostname == "minio"
