@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_ray_provider.hooks import RayHook
 from airflow_ray_provider.local_cluster import LocalClusterState, LocalRayCluster
 from tests.dag_runs import run_py
 
@@ -58,7 +59,7 @@ def test_ray_client_address_runs_tasks_and_checkpoints(own_head, tmp_path: Path,
 
 
 def test_token_auth_right_token_works_wrong_or_missing_is_refused_and_never_logged(
-        own_head, tmp_path: Path, airflow_home: Path) -> None:
+        own_head, connection, tmp_path: Path, airflow_home: Path) -> None:
     token, wrong = secrets.token_hex(16), secrets.token_hex(16)
     state = own_head(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     base = {"conn_type": "ray", "host": "127.0.0.1", "port": state.gcs_port,
@@ -72,6 +73,13 @@ def test_token_auth_right_token_works_wrong_or_missing_is_refused_and_never_logg
     address = f"Cannot connect to the Ray cluster at 127.0.0.1:{state.gcs_port}: the cluster"
     assert f"{address} refused the token in the ray connection's password" in outputs["wrong"]
     assert f"{address} requires a token (RAY_AUTH_MODE=token)" in outputs["missing"]
+    # The UI's Test button (a probe subprocess) tells the same two refusals apart, and passes the right token.
+    probes = {case: RayHook(connection(f"ray_{case}", **base, **({"password": password} if password else {})))
+              .test_connection() for case, password in (("wrong", wrong), ("missing", None), ("right", token))}
+    assert probes["wrong"] == (False, f"{address} refused the token in the ray connection's password"), probes
+    assert not probes["missing"][0] and probes["missing"][1].startswith(f"{address} requires a token"), probes
+    assert probes["right"][0] and probes["right"][1].startswith("Connected to Ray 2."), probes
+    outputs.update({f"probe {case}": message for case, (_, message) in probes.items()})
 
     result, outputs["right"] = dag_run({**base, "password": token}, tmp_path / "right.log", airflow_home)
     assert result == {"states": {"produce": "success", "total": "success"}, "total": 14}, outputs["right"][-6000:]

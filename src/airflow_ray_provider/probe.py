@@ -5,6 +5,7 @@ Runs in a throwaway process for ``RayHook.test_connection`` so the API server ne
 
 from __future__ import annotations
 
+import os
 import sys
 
 from airflow_ray_provider.hooks import _connect_bounded
@@ -13,7 +14,10 @@ from airflow_ray_provider.settings import RayConnectionError, RaySettings, parse
 
 def main(argv: list[str]) -> int:
     address, namespace, timeout = argv[0], argv[1], float(argv[2])
-    settings = RaySettings(address=parse_address(address), namespace=namespace, connect_timeout=timeout)
+    # The token comes through the environment (never argv, which ``ps`` shows); the settings must carry
+    # it too, so a refusal is reported as a refused token rather than a missing one.
+    settings = RaySettings(address=parse_address(address), namespace=namespace, connect_timeout=timeout,
+                           auth_token=os.environ.get("RAY_AUTH_TOKEN") or None)
     try:
         _connect_bounded(address, settings)
     except RayConnectionError as exc:
