@@ -10,7 +10,7 @@ and ``worker_node``, as in docker-compose.yaml), then ``airflow api-server``, ``
 ``dag-processor`` and two Celery workers on the example DAGs (checkpoints under the workdir: both
 nodes share this disk), prints where everything is, and stops it all on Ctrl-C. The test points the
 checkpoints at its moto S3 endpoint instead. Every port is a free one; 6379 (Redis) and 8080 are
-never taken.
+never taken (``local_cluster.free_ports``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from typing import Any
 
 import psutil
 
+from airflow_ray_provider.local_cluster import LocalRayCluster, free_ports, ray_process_env
+
 ROOT = Path(__file__).resolve().parent.parent
-FORBIDDEN_PORTS = {6379, 8080}  # held by other services on these machines
 LOG_TAIL_LINES = 60
 WORKER_NAME_ENV = "AIRFLOW_RAY_TOPOLOGY_WORKER"
 
@@ -100,15 +101,6 @@ def stop_all(components: list[Component], timeout: float = 20.0,
         with contextlib.suppress(subprocess.TimeoutExpired):
             component.proc.wait(timeout=5)  # reap, so no zombie is left behind
     return family
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in FORBIDDEN_PORTS:
-            return port
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float, components: list[Component],
@@ -201,7 +193,7 @@ class Airflow:
     executor: str = "LocalExecutor"
     extra_env: dict[str, str] = field(default_factory=dict)
     components: list[Component] = field(default_factory=list)
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=lambda: free_ports(1)[0])
     password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     queue: str = field(default_factory=lambda: f"airflow_ray_{secrets.token_hex(4)}")
 
@@ -280,12 +272,23 @@ class Airflow:
         return stop_all(self.components)
 
 
+def celery_airflow(home: Path, pg_db: str, broker_url: str, ray_extra: dict[str, Any],
+                   pg_server: str = "postgres@127.0.0.1:5432") -> Airflow:
+    """docker-compose.yaml's Airflow: CeleryExecutor on ``broker_url``, the PostgreSQL database ``pg_db``
+    as metadata DB and Celery result backend, the Ray XCom backend, ``ray_default`` with ``ray_extra``."""
+    return Airflow(home=home, dags=ROOT / "example_dags", executor="CeleryExecutor",
+                   db_url=f"postgresql+psycopg2://{pg_server}/{pg_db}", extra_env={
+                       "AIRFLOW__CELERY__BROKER_URL": broker_url,
+                       "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql://{pg_server}/{pg_db}",
+                       "AIRFLOW__CORE__XCOM_BACKEND": "airflow_ray_provider.xcom.RayXComBackend",
+                       "AIRFLOW_CONN_RAY_DEFAULT": json.dumps({"conn_type": "ray", "extra": ray_extra}),
+                   })
+
+
 # -- Ray ----------------------------------------------------------------------------------------
 def start_ray_node(head_address: str, name: str, resources: dict[str, float], num_cpus: int,
                    logs: Path) -> Component:
     """Join a Ray node to ``head_address`` with ``ray start --address`` (blocking, in its own session)."""
-    from airflow_ray_provider.local_cluster import free_ports, ray_process_env
-
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
     ports = free_ports(6)  # distinct: each is held until all six are chosen
     argv = [
@@ -303,8 +306,6 @@ def ray_nodes(address: str) -> list[dict[str, Any]]:
     code = ("import json, ray; ray.init(address=__import__('sys').argv[1], log_to_driver=False); "
             "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], 'resources': n['Resources']} "
             "for n in ray.nodes()]))")
-    from airflow_ray_provider.local_cluster import ray_process_env
-
     done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120,
                           env=ray_process_env())
     if done.returncode != 0:
@@ -320,21 +321,12 @@ def main() -> int:
     parser.add_argument("--celery-workers", type=int, default=2)
     args = parser.parse_args()
 
-    from airflow_ray_provider.local_cluster import LocalRayCluster
-
     args.workdir.mkdir(parents=True, exist_ok=True)
     head = LocalRayCluster(args.workdir / "ray-head", num_cpus=2, resources={"head_node": 1})
     state = head.ensure_running()
     node = start_ray_node(state.address, "ray-worker", {"worker_node": 1}, 2, args.workdir)
-    airflow = Airflow(home=args.workdir / "airflow", dags=ROOT / "example_dags", executor="CeleryExecutor",
-                      db_url=f"postgresql+psycopg2://postgres@127.0.0.1:5432/{args.pg_db}",
-                      extra_env={
-                          "AIRFLOW__CELERY__BROKER_URL": "redis://127.0.0.1:6379/0",
-                          "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql://postgres@127.0.0.1:5432/{args.pg_db}",
-                          "AIRFLOW__CORE__XCOM_BACKEND": "airflow_ray_provider.xcom.RayXComBackend",
-                          "AIRFLOW_CONN_RAY_DEFAULT": json.dumps({"conn_type": "ray", "extra": {
-                              "address": state.address, "checkpoint_path": str(args.workdir / "checkpoints")}}),
-                      })
+    airflow = celery_airflow(args.workdir / "airflow", args.pg_db, "redis://127.0.0.1:6379/0",
+                             {"address": state.address, "checkpoint_path": str(args.workdir / "checkpoints")})
     try:
         airflow.migrate()
         airflow.start(celery_workers=args.celery_workers)

@@ -17,8 +17,8 @@ import pytest
 
 from airflow_ray_provider.local_cluster import LocalRayCluster, port_open
 from airflow_ray_provider.reference import parse_reference
-from scripts.local_topology import Airflow, TopologyError, ray_nodes, start_ray_node, stop_all
-from tests.conftest import BUCKET, PG_HOST, PG_PORT, pg_query
+from scripts.local_topology import TopologyError, celery_airflow, ray_nodes, start_ray_node, stop_all
+from tests.conftest import BUCKET, PG_HOST, PG_PORT, PG_USER, pg_query
 
 pytestmark = pytest.mark.postgres
 REDIS = ("127.0.0.1", 6379)
@@ -38,16 +38,10 @@ def test_celery_workers_and_two_ray_nodes(pg_database: str, redis_broker: str, t
     head = LocalRayCluster(tmp_path / "ray-head", num_cpus=2, resources={"head_node": 1})
     state = head.ensure_running()
     node = start_ray_node(state.address, "ray-worker", {"worker_node": 1}, 2, tmp_path)
-    db = f"postgresql+psycopg2://postgres@{PG_HOST}:{PG_PORT}/{pg_database}"
-    airflow = Airflow(home=tmp_path / "airflow", dags=Path(__file__).resolve().parent.parent / "example_dags",
-                      db_url=db, executor="CeleryExecutor", extra_env={
-                          "AIRFLOW__CELERY__BROKER_URL": redis_broker,
-                          "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql://postgres@{PG_HOST}:{PG_PORT}/{pg_database}",
-                          "AIRFLOW__CORE__XCOM_BACKEND": "airflow_ray_provider.xcom.RayXComBackend",
-                          "AIRFLOW_CONN_RAY_DEFAULT": json.dumps({"conn_type": "ray", "extra": {
-                              "address": state.address, "namespace": "topology",
-                              "checkpoint_path": f"s3://{BUCKET}/topology", "checkpoint_conn_id": "ckpt_s3"}}),
-                      })
+    airflow = celery_airflow(tmp_path / "airflow", pg_database, redis_broker, {
+        "address": state.address, "namespace": "topology",
+        "checkpoint_path": f"s3://{BUCKET}/topology", "checkpoint_conn_id": "ckpt_s3"},
+        pg_server=f"{PG_USER}@{PG_HOST}:{PG_PORT}")
     api = airflow.api
     try:
         def both_nodes() -> list[dict] | None:

@@ -60,15 +60,22 @@ def airflow_home() -> Path:
     return Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
 
 
+# Never handed out, even if the OS offers them: Redis's and the Airflow API server's usual ports.
+RESERVED_PORTS = frozenset({6379, 8080})
+
+
 def free_ports(count: int) -> list[int]:
-    """Reserve ``count`` distinct free TCP ports on loopback (released on return)."""
+    """Reserve ``count`` distinct free TCP ports on loopback (released on return), none of RESERVED_PORTS."""
     sockets: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for _ in range(count):
+        while len(ports) < count:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
+            sockets.append(sock)  # a reserved port stays held too, so it is not offered again
+            if sock.getsockname()[1] not in RESERVED_PORTS:
+                ports.append(sock.getsockname()[1])
+        return ports
     finally:
         for sock in sockets:
             sock.close()
