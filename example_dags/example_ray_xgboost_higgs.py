@@ -111,6 +111,27 @@ def actors_for(requested: int, cpus_per_actor: int) -> int:
     return max(1, min(requested, cpus // cpus_per_actor))
 
 
+def ray_params_for(params: dict) -> Any:
+    """xgboost-ray's actor layout for training and prediction alike."""
+    from xgboost_ray import RayParams
+
+    actors = actors_for(params["num_actors"], params["cpus_per_actor"])
+    return RayParams(num_actors=actors, cpus_per_actor=params["cpus_per_actor"])
+
+
+def booster_params(params: dict) -> dict[str, Any]:
+    """The same booster for both trainers."""
+    return {"objective": "binary:logistic", "eval_metric": ["logloss", "error"], "tree_method": "hist",
+            "max_depth": params["max_depth"], "eta": params["eta"]}
+
+
+def accuracy_of(scores: Any, labels: Any) -> float:
+    """Accuracy at the 0.5 threshold."""
+    import numpy as np
+
+    return float(np.mean((np.asarray(scores) > 0.5) == np.asarray(labels)))
+
+
 @dag(
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
@@ -149,11 +170,10 @@ def example_ray_xgboost_higgs():
     # num_cpus=0: this task only coordinates; modin's readers and the training actors take the CPUs.
     @task.ray(num_cpus=0, checkpoint=True, multiple_outputs=True)
     def train_xgboost_ray(path: str, params: dict) -> dict:
-        from xgboost_ray import RayDMatrix, RayParams, train
+        from xgboost_ray import RayDMatrix, train
 
         train_frame, valid_frame = train_valid(read_higgs(path, params["rows"]), params["valid_fraction"])
-        actors = actors_for(params["num_actors"], params["cpus_per_actor"])
-        ray_params = RayParams(num_actors=actors, cpus_per_actor=params["cpus_per_actor"])
+        ray_params = ray_params_for(params)
         # Central loading: the frames are split into per-actor shards in the object store before the
         # actors start. xgboost-ray 0.1.19's distributed modin loader deadlocks when the actors hold
         # every CPU (it runs modin tasks after they start) and fails when a frame has fewer
@@ -161,30 +181,22 @@ def example_ray_xgboost_higgs():
         dtrain = RayDMatrix(train_frame, label="label", distributed=False)
         dvalid = RayDMatrix(valid_frame, label="label", distributed=False)
         for matrix in (dtrain, dvalid):
-            matrix.load_data(actors)
+            matrix.load_data(ray_params.num_actors)
         history: dict = {}
-        booster = train(
-            {"objective": "binary:logistic", "eval_metric": ["logloss", "error"], "tree_method": "hist",
-             "max_depth": params["max_depth"], "eta": params["eta"]},
-            dtrain, num_boost_round=params["rounds"], evals=[(dvalid, "valid")], evals_result=history,
-            ray_params=ray_params, verbose_eval=False,
-        )
-        print(f"xgboost-ray trained on {len(train_frame)} rows with {actors} actors; "
+        booster = train(booster_params(params), dtrain, num_boost_round=params["rounds"], evals=[(dvalid, "valid")],
+                        evals_result=history, ray_params=ray_params, verbose_eval=False)
+        print(f"xgboost-ray trained on {len(train_frame)} rows with {ray_params.num_actors} actors; "
               f"validation error {history['valid']['error'][-1]:.4f}")
-        return {"model": booster, "valid": valid_frame._to_pandas(), "actors": actors,
+        return {"model": booster, "valid": valid_frame._to_pandas(), "actors": ray_params.num_actors,
                 "history": {k: [float(x) for x in v] for k, v in history["valid"].items()}}
 
     @task.ray(num_cpus=0)
     def evaluate(model: Any, valid: Any, params: dict) -> dict:
         """Distributed prediction over the validation rows; accuracy at the 0.5 threshold."""
-        import numpy as np
-        from xgboost_ray import RayDMatrix, RayParams, predict
+        from xgboost_ray import RayDMatrix, predict
 
-        actors = actors_for(params["num_actors"], params["cpus_per_actor"])
         features = RayDMatrix(valid.drop(columns=["label"]), distributed=False)
-        scores = predict(model, features, ray_params=RayParams(num_actors=actors,
-                                                               cpus_per_actor=params["cpus_per_actor"]))
-        accuracy = float(np.mean((np.asarray(scores) > 0.5) == valid["label"].to_numpy()))
+        accuracy = accuracy_of(predict(model, features, ray_params=ray_params_for(params)), valid["label"])
         print(f"xgboost-ray accuracy on {len(valid)} validation rows: {accuracy:.4f}")
         return {"trainer": "xgboost_ray", "accuracy": accuracy, "rows": len(valid)}
 
@@ -211,8 +223,6 @@ def example_ray_xgboost_higgs():
 
 def ray_train_loop(config: dict) -> None:
     """Ray Train's per-worker loop: this worker's shards, one shared booster (Ray sets up xgboost's collective)."""
-    import tempfile
-
     import ray.train
     import xgboost
     from ray.train.xgboost import RayTrainReportCallback
@@ -250,9 +260,8 @@ def ray_train_xgboost(path: str, params: dict) -> dict:
     storage_path, filesystem = current().tune_storage()
     trainer = XGBoostTrainer(
         ray_train_loop,
-        train_loop_config={"rounds": params["rounds"], "params": {
-            "objective": "binary:logistic", "eval_metric": ["logloss", "error"], "tree_method": "hist",
-            "max_depth": params["max_depth"], "eta": params["eta"], "nthread": params["cpus_per_actor"]}},
+        train_loop_config={"rounds": params["rounds"],
+                           "params": {**booster_params(params), "nthread": params["cpus_per_actor"]}},
         datasets={"train": ray.data.from_modin(train_frame), "valid": ray.data.from_modin(valid_frame)},
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": params["cpus_per_actor"]}),
         # A fresh run per try (a reused name would resume the old one); a placement that can never start
@@ -263,8 +272,7 @@ def ray_train_xgboost(path: str, params: dict) -> dict:
     result = trainer.fit()
     booster = RayTrainReportCallback.get_model(result.checkpoint)
     valid = valid_frame._to_pandas()
-    scores = booster.predict(xgboost.DMatrix(valid.drop(columns=["label"])))
-    accuracy = float(((scores > 0.5) == valid["label"].to_numpy()).mean())
+    accuracy = accuracy_of(booster.predict(xgboost.DMatrix(valid.drop(columns=["label"]))), valid["label"])
     print(f"Ray Train trained on {len(train_frame)} rows with {workers} workers; accuracy {accuracy:.4f}")
     return {"trainer": "ray_train", "accuracy": accuracy, "rows": len(valid), "model": booster,
             "valid_error": result.metrics["valid-error"]}

@@ -196,8 +196,6 @@ def test_fault_tolerance_example_recovers_after_a_cluster_restart(ray_cluster: s
 
 
 def test_basics_example_fans_out_over_ray_tasks(ray_cluster: str) -> None:
-    import numpy as np
-
     result, output = run_example("example_ray_basics", {"shards": 3, "rows_per_shard": 1000})
     # Each shard seeds its own generator: the same draws, made here, give the expected sum.
     expected = 0
