@@ -37,8 +37,13 @@ TASK_LINE = re.compile(r"^(\S+Z) .*\[DAG TEST\] (starting|end task) task_id=(t\d
 RAY_DONE = re.compile(r"Ray task \S+ finished after ([0-9.]+)s")
 WORKER_PID = re.compile(r"Running on Ray node .* worker pid (\d+)")
 RUN_DONE = re.compile(r"DagRun Finished: dag_id=(\S+), .*run_id=([^,]+), .*state=(\w+)")
+# A direct ray.init on the embedded head: the token comes in RAY_AUTH_MODE/RAY_AUTH_TOKEN (see keeper_env), and
+# keep_loopback_addresses() keeps Ray from dialling the machine's address, where the loopback-only head is not.
 KEEPER = """
-import sys, time, ray
+import sys, time
+from airflow_ray_provider.local_cluster import keep_loopback_addresses
+keep_loopback_addresses()
+import ray
 from airflow_ray_provider.owner import get_owner
 ray.init(address=sys.argv[1], namespace=sys.argv[2], log_to_driver=False, configure_logging=False)
 ray.get(get_owner(sys.argv[2], 0).ping.remote())
@@ -151,12 +156,22 @@ class Bench:
         print(f"Ray head at {self.head['address']} started in {self.head['start_s']:.1f}s", flush=True)
         if self.args.owner_keeper:
             self.keeper = subprocess.Popen([sys.executable, "-c", KEEPER, self.head["address"], "airflow"],
-                                           env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                           env=self.keeper_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                            text=True, start_new_session=True)
             ready, _, _ = select.select([self.keeper.stdout], [], [], 120)
             if not ready or self.keeper.stdout.readline().strip() != "ready":
                 raise RuntimeError("the owner keeper did not come up")
             print("owner keeper: the owner actor belongs to a driver that stays alive", flush=True)
+
+    def keeper_env(self) -> dict[str, str]:
+        """``self.env`` plus the embedded head's token, for a driver that calls ``ray.init`` itself."""
+        from airflow_ray_provider.local_cluster import LocalRayCluster
+
+        token = LocalRayCluster(self.home / "ray").auth_token()  # the head `airflow-ray local start` started
+        env = {k: v for k, v in self.env.items() if not k.startswith("RAY_AUTH_")}
+        # None: the head was started with RAY_AUTH_MODE=disabled (--head-env); then the driver must not send one.
+        env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token} if token else {"RAY_AUTH_MODE": "disabled"})
+        return env
 
     def stop_head(self) -> None:
         if self.keeper is not None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -34,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import cpu_model, provider_commit, publish
 
 from airflow_ray_provider.checkpoint import Store, TaskCheckpoint, TaskKey
-from airflow_ray_provider.local_cluster import LocalRayCluster, free_ports, port_open
+from airflow_ray_provider.local_cluster import LocalRayCluster, free_ports, keep_loopback_addresses, port_open
 
 BUCKET = "airflow-ray-bench"
+SECRET = secrets.token_bytes(32)  # manifests are signed; a throwaway key for this run
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint_throughput.md"
 
 
@@ -86,7 +89,8 @@ def main() -> int:
             key = f"raw/{i}"
             body = io.BytesIO(raw)  # outside the timing: boto3 gets the bytes ready to send
             rows["boto3 upload_fileobj"].append(timed(s3.upload_fileobj, body, BUCKET, key)[0])
-            ckpt = TaskCheckpoint(Store(f"s3://{BUCKET}/ckpt", options), TaskKey("bench", f"run{i}", "produce"))
+            ckpt = TaskCheckpoint(Store(f"s3://{BUCKET}/ckpt", options, secret=SECRET),
+                                  TaskKey("bench", f"run{i}", "produce"))
             rows["checkpoint write"].append(timed(ckpt.write_result, array)[0])
             rows["boto3 download_fileobj"].append(timed(s3.download_fileobj, BUCKET, key, io.BytesIO())[0])
             rows["boto3 get_object"].append(timed(read_all, s3, key)[0])
@@ -95,7 +99,7 @@ def main() -> int:
             assert np.array_equal(back, array)
             del back
             # The same restore with s3fs told to read in one stream (storage option max_concurrency=1).
-            single = TaskCheckpoint(Store(ckpt.store.root, {**options, "max_concurrency": 1}), ckpt.key)
+            single = TaskCheckpoint(Store(ckpt.store.root, {**options, "max_concurrency": 1}, secret=SECRET), ckpt.key)
             seconds, back = timed(single.load_result)
             rows["checkpoint restore, one stream"].append(seconds)
             assert np.array_equal(back, array)
@@ -110,13 +114,21 @@ def main() -> int:
 
 def measure_recovery(options: dict, mb: int) -> dict[str, float]:
     """On a restarted head: restore a lost upstream from its checkpoint vs recompute it (both into the store)."""
+    home = Path(tempfile.mkdtemp(prefix="airflow-ray-bench-"))
+    cluster = LocalRayCluster(home, num_cpus=2)
+    # This process calls ray.init itself: it needs the head's token (the one the start below uses, kept in
+    # the home across the restart), set before Ray is imported, which reads it then; and
+    # keep_loopback_addresses(), else Ray dials the machine's address, where the loopback-only head is not.
+    token = cluster.auth_token()
+    if token:
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    keep_loopback_addresses()
     import ray
 
     from airflow_ray_provider.checkpoint import restore_result
 
-    home = Path(tempfile.mkdtemp(prefix="airflow-ray-bench-"))
-    cluster = LocalRayCluster(home, num_cpus=2)
-    ckpt = TaskCheckpoint(Store(f"s3://{BUCKET}/recovery", options), TaskKey("bench", "recovery", "produce"))
+    ckpt = TaskCheckpoint(Store(f"s3://{BUCKET}/recovery", options, secret=SECRET),
+                          TaskKey("bench", "recovery", "produce"))
 
     def recompute() -> np.ndarray:
         return generate(mb)
@@ -142,7 +154,7 @@ def measure_recovery(options: dict, mb: int) -> dict[str, float]:
         restarted = timed(restart)[0]
         ray.init(address=cluster.status().address, log_to_driver=False)
         ray.get(ray.remote(lambda: 0).remote())
-        single = TaskCheckpoint(Store(ckpt.store.root, {**options, "max_concurrency": 1}), ckpt.key)
+        single = TaskCheckpoint(Store(ckpt.store.root, {**options, "max_concurrency": 1}, secret=SECRET), ckpt.key)
         restores, singles, recomputes = [], [], []
         for _ in range(2):
             restores.append(timed(in_store, restore_result, ckpt, None, manifest.sha256)[0])

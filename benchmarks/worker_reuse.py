@@ -20,8 +20,13 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# Both connect with ray.init themselves: the head's token comes in the environment (ray_process_env), and
+# keep_loopback_addresses() keeps Ray from dialling the machine's address, where the loopback-only head is not.
 DRIVER = """
-import logging, sys, time, ray
+import logging, sys, time
+from airflow_ray_provider.local_cluster import keep_loopback_addresses
+keep_loopback_addresses()
+import ray
 from airflow_ray_provider.submission import RayTaskRun
 address, gap, tasks = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 ray.init(address=address, namespace="airflow", log_to_driver=False, configure_logging=False)
@@ -41,7 +46,10 @@ for i in range(tasks):
 print(" ".join(str(p) for p in pids), "|", " ".join(f"{w:.2f}" for w in waits), flush=True)
 """
 KEEPER = """
-import sys, time, ray
+import sys, time
+from airflow_ray_provider.local_cluster import keep_loopback_addresses
+keep_loopback_addresses()
+import ray
 from airflow_ray_provider.owner import get_owner
 ray.init(address=sys.argv[1], namespace="airflow", log_to_driver=False, configure_logging=False)
 ray.get(get_owner("airflow", 0).ping.remote())
@@ -58,7 +66,7 @@ def main() -> int:
     p.add_argument("--keeper", action="store_true", help="also keep a long-lived driver (the original experiment)")
     args = p.parse_args()
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    from airflow_ray_provider.local_cluster import LocalRayCluster
+    from airflow_ray_provider.local_cluster import LocalRayCluster, ray_process_env
 
     (HERE / ".work").mkdir(exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix="worker-reuse-", dir=HERE / ".work"))
@@ -68,18 +76,19 @@ def main() -> int:
     try:
         state = cluster.ensure_running()
         print(f"head at {state.address}")
+        env = ray_process_env(cluster.auth_token())  # the head requires its token (token auth is the default)
         if args.keeper:
             keeper = subprocess.Popen([sys.executable, "-c", KEEPER, state.address], stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                                      stderr=subprocess.DEVNULL, text=True, start_new_session=True, env=env)
             if keeper.stdout is None or keeper.stdout.readline().strip() != "ready":
                 raise RuntimeError("keeper did not start")
         else:  # what happens without one: the first task process creates the owner actor, then exits
             subprocess.run([sys.executable, "-c", DRIVER, state.address, "0", "1"], check=True, timeout=300,
-                           capture_output=True)
+                           capture_output=True, env=env)
         all_pids: set[str] = set()
         for d in range(args.drivers):
             out = subprocess.run([sys.executable, "-c", DRIVER, state.address, str(args.gap), str(args.tasks)],
-                                 check=True, timeout=600, capture_output=True, text=True).stdout.strip()
+                                 check=True, timeout=600, capture_output=True, text=True, env=env).stdout.strip()
             pids, waits = out.splitlines()[-1].split(" | ")
             all_pids.update(pids.split())
             print(f"driver {d + 1}: worker pids {pids}; waits (s) {waits}")

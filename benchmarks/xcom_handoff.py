@@ -258,9 +258,16 @@ class Bench:
         return env
 
     def set_connection(self) -> None:
+        from airflow_ray_provider.local_cluster import LocalRayCluster
+
+        # The head requires its token (token auth is the default): clients give it as the connection's password.
+        token = LocalRayCluster(self.head_home).auth_token()
         for backend, env in self.envs.items():
             extra = {"address": self.head["address"], "namespace": f"xcom-bench-{backend}"}
-            env["AIRFLOW_CONN_RAY_DEFAULT"] = json.dumps({"conn_type": "ray", "extra": extra})
+            conn: dict[str, object] = {"conn_type": "ray", "extra": extra}
+            if token:
+                conn["password"] = token
+            env["AIRFLOW_CONN_RAY_DEFAULT"] = json.dumps(conn)
 
     def airflow_ray(self, *argv: str) -> list[str]:
         return [str(BIN / "airflow-ray"), *argv]

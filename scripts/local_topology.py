@@ -6,11 +6,12 @@ runnable by hand against the PostgreSQL and Redis of this machine::
     python scripts/local_topology.py --pg-db airflow_ray_demo --workdir /tmp/topology
 
 starts a Ray head plus a second Ray node joined with ``ray start --address`` (resources ``head_node``
-and ``worker_node``, as in docker-compose.yaml), then ``airflow api-server``, ``scheduler``,
-``dag-processor`` and two Celery workers on the example DAGs (checkpoints under the workdir: both
-nodes share this disk), prints where everything is, and stops it all on Ctrl-C. The test points the
-checkpoints at its moto S3 endpoint instead. Every port is a free one; 6379 (Redis) and 8080 are
-never taken (``local_cluster.free_ports``).
+and ``worker_node``, as in docker-compose.yaml; the head is ``loopback_only=False``, since a joining node
+cannot reach a loopback-only head, but keeps token auth: the node and every driver present its token),
+then ``airflow api-server``, ``scheduler``, ``dag-processor`` and two Celery workers on the example DAGs
+(checkpoints under the workdir: both nodes share this disk), prints where everything is, and stops it all
+on Ctrl-C. The test points the checkpoints at its moto S3 endpoint instead. Every port is a free one;
+6379 (Redis) and 8080 are never taken (``local_cluster.free_ports``).
 """
 
 from __future__ import annotations
@@ -273,22 +274,34 @@ class Airflow:
 
 
 def celery_airflow(home: Path, pg_db: str, broker_url: str, ray_extra: dict[str, Any],
-                   pg_server: str = "postgres@127.0.0.1:5432") -> Airflow:
+                   pg_server: str = "postgres@127.0.0.1:5432", ray_password: str | None = None) -> Airflow:
     """docker-compose.yaml's Airflow: CeleryExecutor on ``broker_url``, the PostgreSQL database ``pg_db``
-    as metadata DB and Celery result backend, the Ray XCom backend, ``ray_default`` with ``ray_extra``."""
+    as metadata DB and Celery result backend, the Ray XCom backend, ``ray_default`` with ``ray_extra``
+    and, as its password, ``ray_password`` (the head's token, ``LocalRayCluster.auth_token()``).
+
+    Like docker-compose.yaml, every component gets the same explicit ``[ray] secret_key`` (a fresh one; a
+    client outside the deployment verifies references with ``extra_env["AIRFLOW__RAY__SECRET_KEY"]``)."""
+    ray_conn: dict[str, Any] = {"conn_type": "ray", "extra": ray_extra}
+    if ray_password:
+        ray_conn["password"] = ray_password
     return Airflow(home=home, dags=ROOT / "example_dags", executor="CeleryExecutor",
                    db_url=f"postgresql+psycopg2://{pg_server}/{pg_db}", extra_env={
                        "AIRFLOW__CELERY__BROKER_URL": broker_url,
                        "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql://{pg_server}/{pg_db}",
                        "AIRFLOW__CORE__XCOM_BACKEND": "airflow_ray_provider.xcom.RayXComBackend",
-                       "AIRFLOW_CONN_RAY_DEFAULT": json.dumps({"conn_type": "ray", "extra": ray_extra}),
+                       "AIRFLOW_CONN_RAY_DEFAULT": json.dumps(ray_conn),
+                       "AIRFLOW__RAY__SECRET_KEY": secrets.token_hex(32),
                    })
 
 
 # -- Ray ----------------------------------------------------------------------------------------
 def start_ray_node(head_address: str, name: str, resources: dict[str, float], num_cpus: int,
-                   logs: Path) -> Component:
-    """Join a Ray node to ``head_address`` with ``ray start --address`` (blocking, in its own session)."""
+                   logs: Path, auth_token: str | None = None) -> Component:
+    """Join a Ray node to ``head_address`` with ``ray start --address`` (blocking, in its own session).
+
+    ``auth_token``: the head's token (``LocalRayCluster.auth_token()``); the head must be started with
+    ``loopback_only=False``, because a loopback-only head cannot be joined.
+    """
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
     ports = free_ports(6)  # distinct: each is held until all six are chosen
     argv = [
@@ -298,16 +311,17 @@ def start_ray_node(head_address: str, name: str, resources: dict[str, float], nu
         f"--dashboard-agent-grpc-port={ports[3]}", f"--runtime-env-agent-port={ports[4]}",
         f"--metrics-export-port={ports[5]}", "--disable-usage-stats",
     ]
-    return start(name, argv, ray_process_env(), logs, logs)
+    return start(name, argv, ray_process_env(auth_token), logs, logs)
 
 
-def ray_nodes(address: str) -> list[dict[str, Any]]:
-    """The cluster's live nodes as Ray reports them (from a throwaway driver, so this process stays clean)."""
+def ray_nodes(address: str, auth_token: str | None = None) -> list[dict[str, Any]]:
+    """The cluster's live nodes as Ray reports them (from a throwaway driver, so this process stays clean),
+    asked with ``auth_token`` (the head's token)."""
     code = ("import json, ray; ray.init(address=__import__('sys').argv[1], log_to_driver=False); "
             "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], 'resources': n['Resources']} "
             "for n in ray.nodes()]))")
     done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120,
-                          env=ray_process_env())
+                          env=ray_process_env(auth_token))
     if done.returncode != 0:
         raise TopologyError(f"cannot list the nodes of {address}: {done.stderr[-2000:]}")
     return [n for n in json.loads(done.stdout.strip().splitlines()[-1]) if n["alive"]]
@@ -322,11 +336,18 @@ def main() -> int:
     args = parser.parse_args()
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    head = LocalRayCluster(args.workdir / "ray-head", num_cpus=2, resources={"head_node": 1})
+    # loopback_only=False: the second node joins with `ray start --address`, which a loopback-only head refuses.
+    head = LocalRayCluster(args.workdir / "ray-head", num_cpus=2, resources={"head_node": 1}, loopback_only=False)
     state = head.ensure_running()
-    node = start_ray_node(state.address, "ray-worker", {"worker_node": 1}, 2, args.workdir)
+    token = head.auth_token()
+    if token is None:
+        head.stop()
+        raise SystemExit("The Ray head started without token auth (RAY_AUTH_MODE=disabled?); refusing to run "
+                         "a head that listens beyond loopback without it")
+    node = start_ray_node(state.address, "ray-worker", {"worker_node": 1}, 2, args.workdir, auth_token=token)
     airflow = celery_airflow(args.workdir / "airflow", args.pg_db, "redis://127.0.0.1:6379/0",
-                             {"address": state.address, "checkpoint_path": str(args.workdir / "checkpoints")})
+                             {"address": state.address, "checkpoint_path": str(args.workdir / "checkpoints")},
+                             ray_password=token)
     try:
         airflow.migrate()
         airflow.start(celery_workers=args.celery_workers)

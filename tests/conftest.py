@@ -59,9 +59,11 @@ def ray_cluster() -> Iterator[str]:
 
     cluster = LocalRayCluster(_HOME / "session-ray", num_cpus=4, resources={"session_head": 1})
     state = cluster.ensure_running()
-    os.environ["AIRFLOW_CONN_RAY_DEFAULT"] = json.dumps(
-        {"conn_type": "ray", "extra": {"address": state.address, "namespace": "tests"}}
-    )
+    # The head requires its token (token auth is the default); a shared cluster's users put it in the password.
+    os.environ["AIRFLOW_CONN_RAY_DEFAULT"] = json.dumps({
+        "conn_type": "ray", "password": cluster.auth_token(),
+        "extra": {"address": state.address, "namespace": "tests"},
+    })
     try:
         yield state.address
     finally:

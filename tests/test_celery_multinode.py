@@ -4,6 +4,10 @@
 (Redis at 127.0.0.1:6379 as the broker, a fresh PostgreSQL database), a Ray head with the resource
 ``head_node`` plus a second node joined with ``ray start --address`` with ``worker_node``, and the
 checkpoint store on the session's moto S3 endpoint. Example DAGs are triggered through the REST API.
+
+The joined node cannot reach a loopback-only head, so the head is ``loopback_only=False`` (it binds the
+machine's address too); token auth stays on: the second node, ``ray_nodes`` and the tasks (through the
+``ray_default`` password) present the head's token.
 """
 
 from __future__ import annotations
@@ -33,19 +37,25 @@ def redis_broker() -> str:
 
 
 def test_celery_workers_and_two_ray_nodes(pg_database: str, redis_broker: str, tmp_path: Path,
-                                          request: pytest.FixtureRequest) -> None:
+                                          request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     request.getfixturevalue("s3_endpoint")  # after the skips: nothing starts when PostgreSQL or Redis is absent
-    head = LocalRayCluster(tmp_path / "ray-head", num_cpus=2, resources={"head_node": 1})
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # a head that other nodes can reach keeps token auth
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    head = LocalRayCluster(tmp_path / "ray-head", num_cpus=2, resources={"head_node": 1}, loopback_only=False)
     state = head.ensure_running()
-    node = start_ray_node(state.address, "ray-worker", {"worker_node": 1}, 2, tmp_path)
+    token = head.auth_token()
+    if state.auth_mode != "token" or not token:
+        head.stop()
+        pytest.fail(f"the topology's head, which other nodes can reach, must run with token auth: {state}")
+    node = start_ray_node(state.address, "ray-worker", {"worker_node": 1}, 2, tmp_path, auth_token=token)
     airflow = celery_airflow(tmp_path / "airflow", pg_database, redis_broker, {
         "address": state.address, "namespace": "topology",
         "checkpoint_path": f"s3://{BUCKET}/topology", "checkpoint_conn_id": "ckpt_s3"},
-        pg_server=f"{PG_USER}@{PG_HOST}:{PG_PORT}")
+        pg_server=f"{PG_USER}@{PG_HOST}:{PG_PORT}", ray_password=token)
     api = airflow.api
     try:
         def both_nodes() -> list[dict] | None:
-            nodes = ray_nodes(state.address)  # one throwaway driver per poll
+            nodes = ray_nodes(state.address, token)  # one throwaway driver per poll
             return nodes if len(nodes) == 2 else None
 
         nodes = airflow.wait("the second Ray node", both_nodes, 120, interval=3)
@@ -79,7 +89,9 @@ def test_celery_workers_and_two_ray_nodes(pg_database: str, redis_broker: str, t
         xcoms = {(t, k): v for t, k, v in pg_query(
             pg_database, "SELECT task_id, key, value FROM xcom WHERE dag_id = %s AND run_id = %s",
             ("example_ray_two_nodes", two_nodes))}
-        array_ref = parse_reference(xcoms[("produce_shared", "array")])
+        # Signed with the deployment's [ray] secret_key, which this test process does not have as its own.
+        secret = airflow.extra_env["AIRFLOW__RAY__SECRET_KEY"].encode()
+        array_ref = parse_reference(xcoms[("produce_shared", "array")], secret=secret)
         assert array_ref.type == "numpy.ndarray" and array_ref.size >= 16 * 1024 * 1024
         assert len(json.dumps(xcoms[("produce_shared", "array")])) < 4096  # a reference, not 16 MiB of data
         assert list(array_ref.nodes) == [node_of["worker_node"]]

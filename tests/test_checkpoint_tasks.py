@@ -213,3 +213,28 @@ def test_load_result_reads_past_results_from_ray_or_the_checkpoint(tmp_path: Pat
     assert "is not available from Ray (RayXComObjectLost); reading it from its checkpoint" in output
     assert "task 'nope'" in result["errors"][0] and "no checkpoint" in result["errors"][0]
     assert "'no_such_dag' has no successful run" in result["errors"][1]
+
+
+def test_a_failed_restore_does_not_poison_the_key(tmp_path: Path) -> None:
+    """The object is gone and its checkpoint is unreadable for a while: the next consumer restores it."""
+    import logging
+
+    import ray
+
+    from airflow_ray_provider.xcom import object_refs, release
+
+    root = tmp_path / "ckpt"
+    result, output = run_py(f"""
+        dr = checkpoint_dags.ckpt_reuse_dag.test(run_after=checkpoint_dags.START, logical_date=checkpoint_dags.START,
+                                                run_conf={{"marker": {str(tmp_path / 'marker')!r}, "n": 4}})
+        emit(states=task_states(dr), run_id=dr.run_id)
+    """, env=session_ray_conn(checkpoint_path=str(root)))
+    assert set(result["states"].values()) == {"success"}, output[-6000:]
+    ref = parse_reference(stored("ckpt_reuse", result["run_id"], "produce"))
+    assert release([ref]) == 1  # Ray no longer has it; only the checkpoint does
+    root.rename(tmp_path / "away")  # the store is unreachable: the first restore fails
+    with pytest.raises(Exception, match="checkpoint") as first:
+        object_refs([ref], restore_log=logging.getLogger("test"))
+    (tmp_path / "away").rename(root)
+    (restored,) = object_refs([ref], restore_log=logging.getLogger("test"))
+    assert ray.get(restored, timeout=60) == [0, 1, 4, 9], first.value

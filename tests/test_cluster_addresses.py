@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from airflow_ray_provider.hooks import RayHook
-from airflow_ray_provider.local_cluster import LocalClusterState, LocalRayCluster
+from airflow_ray_provider.local_cluster import LocalClusterState, LocalRayCluster, read_token_file
 from tests.dag_runs import run_py
 
 RUN = """
@@ -38,6 +38,10 @@ def own_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callab
 
     def start(**env: str) -> LocalClusterState:
         with monkeypatch.context() as scoped:  # only the head's own processes see these
+            # This process may have connected with a token already (RayHook sets RAY_AUTH_* for Ray's
+            # loader); a head started here would adopt it as the user's own. Start from a clean slate.
+            for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+                scoped.delenv(name, raising=False)
             for name, value in env.items():
                 scoped.setenv(name, value)
             cluster = LocalRayCluster(tmp_path / f"head-{len(heads)}", num_cpus=2)
@@ -52,8 +56,9 @@ def own_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callab
 def test_ray_client_address_runs_tasks_and_checkpoints(own_head, tmp_path: Path, airflow_home: Path) -> None:
     state = own_head()
     assert state.client_address and state.client_address.startswith("ray://127.0.0.1:")
-    result, output = dag_run({"conn_type": "ray", "extra": {"address": state.client_address}},
-                             tmp_path / "marker.log", airflow_home)
+    assert state.token_file  # the launcher's head requires its token, also through Ray Client
+    result, output = dag_run({"conn_type": "ray", "password": read_token_file(Path(state.token_file)),
+                              "extra": {"address": state.client_address}}, tmp_path / "marker.log", airflow_home)
     assert result == {"states": {"produce": "success", "total": "success"}, "total": 14}, output[-6000:]
     assert (tmp_path / "marker.log").read_text() == "produce 4\n"
 

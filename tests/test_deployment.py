@@ -116,6 +116,9 @@ def test_airflow_runs_celery_on_the_compose_redis_and_postgres(services: dict[st
             users = e["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(":")[0]
             assert users in json.loads((ROOT / source).read_text())
     assert command(services["airflow-worker"])[:3] == ["airflow", "celery", "worker"]
+    # One signing secret for every component: a reference written by a worker must verify in the others.
+    secrets = {env(services[name]).get("AIRFLOW__RAY__SECRET_KEY") for name in AIRFLOW_SERVICES}
+    assert len(secrets) == 1 and len(secrets.pop() or "") >= 32
 
 
 def test_the_ray_connection_reaches_the_head_and_the_checkpoint_bucket(services: dict[str, Any]) -> None:

@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from airflow_ray_provider.local_cluster import LocalClusterError, LocalRayCluster, port_open
+from airflow_ray_provider.local_cluster import (
+    LOOPBACK_ONLY_ENV,
+    LocalClusterError,
+    LocalClusterState,
+    LocalRayCluster,
+    free_ports,
+    listening_sockets,
+    load_or_create_token,
+    port_open,
+    read_token_file,
+)
 
 
 def _count(cluster: LocalRayCluster, name: str, session_id: int) -> int:
@@ -48,7 +63,8 @@ def test_concurrent_first_callers_start_exactly_one_head(tmp_path: Path) -> None
 
 
 def test_cli_start_status_stop(tmp_path: Path) -> None:
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path)}
+    # Without RAY_AUTH_* that this process may carry from an earlier connection (RayHook sets them).
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}, "AIRFLOW_HOME": str(tmp_path)}
     cli = [sys.executable, "-m", "airflow_ray_provider.cli", "local"]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -64,6 +80,8 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
         assert f"Ray Client: {state['client_address']}" in status.stdout
         assert state["client_address"].startswith("ray://127.0.0.1:")
         assert (tmp_path / "ray" / "local-cluster.json").exists()
+        assert f"auth: token in {tmp_path / 'ray' / 'auth-token'}" in status.stdout
+        assert read_token_file(tmp_path / "ray" / "auth-token") not in status.stdout + started.stdout
     finally:
         stopped = run("stop")
     assert stopped.stdout.strip() == "stopped"
@@ -96,4 +114,241 @@ def test_malformed_state_file_is_refused(tmp_path: Path) -> None:
         cluster.read_state()
     cluster.state_file.write_text("{not json")
     with pytest.raises(LocalClusterError, match="Unreadable state file"):
+        cluster.read_state()
+
+
+# -- the head is private to its user ---------------------------------------------------------------
+_DRIVER = """
+import sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+print("sum", ray.get(ray.remote(lambda: 40 + 2).remote()))
+"""
+
+
+def _env_without_ray_auth(tmp_path: Path) -> dict[str, str]:
+    """A user's environment with no token anywhere: no RAY_AUTH_* and a HOME without ~/.ray/auth_token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "AIRFLOW_CONN_RAY"))}
+    (tmp_path / "user").mkdir(exist_ok=True)
+    return {**env, "HOME": str(tmp_path / "user")}
+
+
+@pytest.fixture(scope="module")
+def private_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalRayCluster, LocalClusterState]]:
+    """One embedded head for the checks below, started as ``RayHook`` would (``$AIRFLOW_HOME/ray``)."""
+    airflow_home = tmp_path_factory.mktemp("private-head")
+    cluster = LocalRayCluster(airflow_home / "ray", num_cpus=1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    with pytest.MonkeyPatch.context() as scoped:  # the default: no RAY_AUTH_MODE in the environment
+        for name in [k for k in os.environ if k.startswith("RAY_AUTH")]:
+            scoped.delenv(name)
+        assert env.keys() == os.environ.keys()
+        state = cluster.ensure_running()
+    try:
+        yield cluster, state
+    finally:
+        cluster.stop()
+
+
+def _non_loopback_sockets(cluster: LocalRayCluster, state: LocalClusterState) -> list[tuple[str, int, str]]:
+    """Sockets the head's processes listen on anywhere but loopback (127.0.0.1, or its IPv4-mapped form)."""
+    sockets = listening_sockets(cluster._session_processes(state.session_id))
+    return [s for s in sockets if s[0] not in ("127.0.0.1", "::ffff:127.0.0.1")]
+
+
+def test_head_listens_on_loopback_only(private_head: tuple[LocalRayCluster, LocalClusterState]) -> None:
+    cluster, state = private_head
+    procs = cluster._session_processes(state.session_id)
+    sockets = listening_sockets(procs)
+    print("listening:", *(f"{ip}:{port} {name}" for ip, port, name in sockets), sep="\n  ")
+    ss = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=30).stdout.splitlines()
+    pids = {f"pid={p.pid}," for p in procs}
+    print("ss -ltnp:", *(line for line in ss if any(pid in line for pid in pids)), sep="\n  ")
+    names = {name for _, _, name in sockets}
+    assert {"gcs_server", "raylet"} <= names, sockets
+    assert state.gcs_port in {port for _, port, _ in sockets}
+    assert state.client_address is not None
+    assert int(state.client_address.rsplit(":", 1)[1]) in {port for _, port, _ in sockets}  # Ray Client too
+    # Only loopback: 127.0.0.1, or its IPv4-mapped form on a dual-stack socket; never 0.0.0.0, ::, * or the LAN.
+    assert not [s for s in sockets if s[0] not in ("127.0.0.1", "::ffff:127.0.0.1")], sockets
+
+
+def test_a_driver_without_the_token_is_refused_and_ray_hook_brings_it(
+        private_head: tuple[LocalRayCluster, LocalClusterState], tmp_path: Path) -> None:
+    cluster, state = private_head
+    env = {**_env_without_ray_auth(tmp_path), **LOOPBACK_ONLY_ENV}  # reaches the loopback GCS, sends no token
+    bare = subprocess.run([sys.executable, "-c", _DRIVER, state.address], capture_output=True, text=True,
+                          env=env, timeout=180)
+    assert bare.returncode != 0 and "sum 42" not in bare.stdout, bare.stdout[-2000:]
+    assert re.search(r"(?i)auth|token", bare.stderr), bare.stderr[-3000:]
+    wrong = subprocess.run([sys.executable, "-c", _DRIVER, state.address], capture_output=True, text=True,
+                           env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, timeout=180)
+    assert wrong.returncode != 0 and "sum 42" not in wrong.stdout, wrong.stdout[-2000:]
+
+    # What a `local` connection does: RayHook reads the token from the head's 0600 file and sends it.
+    env["AIRFLOW_HOME"] = str(cluster.home.parent)
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # RayHook sets what it needs itself
+    code = ("import ray; from airflow_ray_provider.hooks import RayHook; hook = RayHook(); hook.get_conn(); "
+            "print('address', ray.get_runtime_context().gcs_address); "
+            "print('sum', ray.get(ray.remote(lambda: 40 + 2).remote()))")
+    hooked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
+    assert hooked.returncode == 0 and "sum 42" in hooked.stdout, hooked.stderr[-3000:]
+    assert f"address {state.address}" in hooked.stdout
+    assert cluster.auth_token() == read_token_file(cluster.token_file)
+    for text in (bare.stdout, bare.stderr, hooked.stdout, hooked.stderr):
+        assert read_token_file(cluster.token_file) not in text
+
+
+def test_the_keeper_joins_with_the_token_and_logs_privately(
+        private_head: tuple[LocalRayCluster, LocalClusterState], tmp_path: Path) -> None:
+    """The keeper driver is started inside the cluster (by a Ray worker): it must reach the loopback GCS and
+    present the token too, and its log must not be a predictable, world-readable file in /tmp."""
+    cluster, state = private_head
+    env = {**_env_without_ray_auth(tmp_path), "AIRFLOW_HOME": str(cluster.home.parent)}
+    code = ("from airflow_ray_provider import owner; from airflow_ray_provider.hooks import RayHook; "
+            "RayHook().get_conn(); owner.get_owner('private-head', 0); "
+            "print('keeper', owner._factory_or_none() is not None)")
+    before = set(Path(tempfile.gettempdir()).glob("airflow-ray-keeper-*"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0 and "keeper True" in proc.stdout, proc.stderr[-3000:]
+    assert set(Path(tempfile.gettempdir()).glob("airflow-ray-keeper-*")) == before
+    logs = sorted({p.resolve() for p in cluster.ray_temp_dir.glob("session_*/logs/airflow-ray-keeper-*.log")})
+    assert len(logs) == 1 and _mode(logs[0]) == 0o600, [(p, oct(_mode(p))) for p in logs]
+    assert "keeper ready" in logs[0].read_text()
+    # Now with Ray workers, the owner actor and the keeper driver running: they listen on loopback only too.
+    procs = cluster._session_processes(state.session_id)
+    assert any("airflow_ray_provider.keeper" in " ".join(p.cmdline()) for p in procs)
+    assert not _non_loopback_sockets(cluster, state), listening_sockets(procs)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_token_state_logs_and_temp_dirs_are_private(private_head: tuple[LocalRayCluster, LocalClusterState]) -> None:
+    cluster, state = private_head
+    assert state.auth_mode == "token" and state.token_file == str(cluster.token_file)
+    assert len(read_token_file(cluster.token_file)) == 64
+    for path in (cluster.token_file, cluster.state_file, cluster.log_file):
+        assert _mode(path) == 0o600, (path, oct(_mode(path)))
+    assert _mode(cluster.home) == 0o700
+    assert read_token_file(cluster.token_file) not in cluster.state_file.read_text()
+    temp = Path(state.temp_dir)
+    assert temp == cluster.temp_dir and _mode(temp) == 0o700 and os.lstat(temp).st_uid == os.getuid()
+    sessions = [p for p in cluster.ray_temp_dir.glob("session_*") if not p.is_symlink()]
+    assert sessions, list(cluster.ray_temp_dir.iterdir())
+    # Ray chmods its own dirs 0777 (again in every worker), so the 0700 dir around them is what counts.
+    # The files the head's processes write are the user's alone (umask 077 for the head and all it starts);
+    # drivers (Airflow task processes) write theirs with their own umask, still inside the 0700 dir.
+    logs = sessions[0] / "logs"
+    head_logs = [p for pattern in ("gcs_server.*", "raylet.*", "dashboard_agent*", "runtime_env_agent*",
+                                   "worker-*", "python-core-worker-*") for p in logs.glob(pattern)]
+    assert {p.name.split(".")[0] for p in head_logs} >= {"gcs_server", "raylet"}, sorted(logs.iterdir())
+    readable = [f"{p} {oct(_mode(p))}" for p in head_logs if _mode(p) & 0o044]
+    assert not readable, readable[:20]
+    if os.getuid() == 0:  # prove it as another user: neither the session dir nor a log can be reached
+        for path in (sessions[0], sessions[0] / "logs" / "raylet.out"):
+            other = subprocess.run(["cat" if path.is_file() else "ls", str(path)], capture_output=True,
+                                   text=True, user=65534, group=65534, extra_groups=[], timeout=30)
+            assert other.returncode != 0 and "Permission denied" in other.stderr, (path, other)
+
+
+def test_token_file_others_can_read_or_not_ours_is_refused(tmp_path: Path) -> None:
+    token_file = tmp_path / "ray" / "auth-token"
+    token = load_or_create_token(token_file)
+    assert _mode(token_file) == 0o600 and _mode(token_file.parent) == 0o700
+    assert load_or_create_token(token_file) == token  # created once, then reused
+    os.chmod(token_file, 0o640)
+    with pytest.raises(LocalClusterError, match=re.escape(str(token_file))):
+        load_or_create_token(token_file)
+    os.chmod(token_file, 0o600)
+    if os.getuid() == 0:  # only root can give a file away; as another user this path cannot arise
+        os.chown(token_file, 65534, 65534)
+        with pytest.raises(LocalClusterError, match=rf"{re.escape(str(token_file))}: it must be owned by uid 0"):
+            read_token_file(token_file)
+
+
+def test_concurrent_token_creation_agrees(tmp_path: Path) -> None:
+    token_file = tmp_path / "ray" / "auth-token"
+    code = ("import sys, pathlib; from airflow_ray_provider.local_cluster import load_or_create_token; "
+            "print(load_or_create_token(pathlib.Path(sys.argv[1])))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(token_file)], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    tokens = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert len(tokens) == 1 and tokens == {read_token_file(token_file)}, tokens
+
+
+def test_auth_opt_out_is_explicit_and_warned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    cluster = LocalRayCluster(tmp_path / "ray")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    env, mode, token_file = cluster._auth_env()
+    assert mode == "token" and env == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster.token_file)}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with caplog.at_level(logging.WARNING, logger="airflow_ray_provider.local_cluster"):
+        env, mode, token_file = cluster._auth_env()
+    assert (env, mode, token_file) == ({"RAY_AUTH_MODE": "disabled"}, "disabled", None)
+    assert "WITHOUT token authentication because RAY_AUTH_MODE=disabled" in caplog.text
+
+
+# -- a stale state file never kills an unrelated process -------------------------------------------
+@pytest.fixture
+def unrelated_process() -> Iterator[subprocess.Popen[bytes]]:
+    """A process in its own session, as a reused pid would be after a reboot."""
+    proc = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def _forge_state(cluster: LocalRayCluster, pid: int, **fields: object) -> None:
+    cluster.home.mkdir(parents=True, exist_ok=True)
+    (gcs_port,) = free_ports(1)
+    state = {"address": f"127.0.0.1:{gcs_port}", "gcs_port": gcs_port, "session_id": pid,
+             "temp_dir": str(cluster.temp_dir), "dashboard_url": None, "started_at": 1.0, "version": 1, **fields}
+    cluster.state_file.write_text(json.dumps(state))
+
+
+def test_stale_state_naming_an_unrelated_session_is_discarded_not_signalled(
+        tmp_path: Path, unrelated_process: subprocess.Popen[bytes], caplog: pytest.LogCaptureFixture) -> None:
+    cluster = LocalRayCluster(tmp_path / "ray", num_cpus=1)
+    _forge_state(cluster, unrelated_process.pid)  # what an older version wrote: a bare session id
+    with caplog.at_level(logging.WARNING, logger="airflow_ray_provider.local_cluster"):
+        state = cluster.ensure_running()
+    try:
+        assert unrelated_process.poll() is None, "the unrelated process was killed"
+        assert f"Discarding stale state file {cluster.state_file} (session {unrelated_process.pid})" in caplog.text
+        assert "no process was signalled" in caplog.text
+        assert state.session_id != unrelated_process.pid and cluster.status() == state  # a new head
+    finally:
+        assert cluster.stop()
+    assert unrelated_process.poll() is None
+
+
+def test_state_whose_process_marks_do_not_match_is_not_signalled(
+        tmp_path: Path, unrelated_process: subprocess.Popen[bytes], caplog: pytest.LogCaptureFixture) -> None:
+    """The gcs_server once recorded at that pid is gone and the pid now belongs to someone else."""
+    cluster = LocalRayCluster(tmp_path / "ray")
+    now = psutil.Process(unrelated_process.pid).create_time()
+    for mark in ({"pid": unrelated_process.pid, "create_time": now - 3600, "name": "gcs_server"},  # pid reused
+                 {"pid": unrelated_process.pid, "create_time": now, "name": "sleep"}):  # same process, not Ray's
+        _forge_state(cluster, unrelated_process.pid, version=2, auth_mode="token", session_started_at=now - 1,
+                     processes=[mark])
+        assert cluster.status() is None
+        with caplog.at_level(logging.WARNING, logger="airflow_ray_provider.local_cluster"):
+            assert cluster.stop() is False
+        assert "no process was signalled" in caplog.text and not cluster.state_file.exists()
+        assert unrelated_process.poll() is None
+        caplog.clear()
+
+
+def test_state_file_steering_clients_elsewhere_is_refused(tmp_path: Path) -> None:
+    cluster = LocalRayCluster(tmp_path / "ray")
+    _forge_state(cluster, 12345, address="192.0.2.99:6379")
+    with pytest.raises(LocalClusterError, match=r"Malformed state file .*is not 127\.0\.0\.1:"):
+        cluster.read_state()
+    os.chmod(cluster.state_file, 0o666)  # others could have rewritten it
+    with pytest.raises(LocalClusterError, match=re.escape(str(cluster.state_file))):
         cluster.read_state()

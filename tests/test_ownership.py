@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -173,3 +174,172 @@ def test_warm_workers_are_reused_across_short_lived_airflow_processes(ray_cluste
     factory = ray.get_actor(FACTORY_NAME, namespace=SYSTEM_NAMESPACE)
     keeper_pid = ray.get(factory.ping.remote())
     assert keeper_pid > 0
+
+
+def _stop_actor(handle: object) -> None:
+    import ray
+
+    try:
+        ray.kill(handle)
+    except Exception as exc:  # noqa: BLE001 - a cleanup problem must not hide the test's own result
+        LOG.warning("Could not kill test actor %r: %s", handle, exc)
+
+
+def test_a_wedged_owner_fails_the_task_within_a_bound_naming_owner_and_key(ray_cluster: str, tmp_path: Path) -> None:
+    """An owner actor that never answers (its event loop stuck) fails the task, in submit or in poll.
+
+    The stand-in is a real actor registered under the owner's name in a fresh namespace, so
+    ``get_owner`` finds it as it would find a real wedged owner. The DAG runs in a subprocess
+    with a hard timeout: without the bounds the task hangs, and the hang fails this test.
+    """
+    import asyncio
+
+    import ray
+
+    from airflow_ray_provider.owner import owner_name
+    from tests.dag_runs import result_of, session_ray_conn, start_py
+
+    class WedgedOwner:
+        """Accepts the submit of one task, then never answers anything again."""
+
+        async def submit(self, key: str, payload: list, options: dict, lease_s: float) -> str:
+            if "/stuck_in_submit/" in key:
+                await asyncio.Event().wait()
+            return "accepted"
+
+        async def poll(self, key: str, log_offset: int, timeout: float) -> dict:
+            await asyncio.Event().wait()
+            return {}
+
+        async def cancel(self, key: str) -> bool:
+            await asyncio.Event().wait()
+            return False
+
+        async def release(self, keys: list) -> int:
+            await asyncio.Event().wait()
+            return 0
+
+    _connect(ray_cluster)
+    namespace = f"wedged-{uuid.uuid4().hex[:8]}"
+    wedged = ray.remote(WedgedOwner).options(name=owner_name(0), namespace=namespace, num_cpus=0,
+                                             max_concurrency=100).remote()
+    ray.get(wedged.__ray_ready__.remote(), timeout=60)
+    # dag.test() runs only DAGs it can serialize from a file in the DAGs folder.
+    (tmp_path / "wedged_owner_dag.py").write_text(textwrap.dedent("""
+        import pendulum
+        from airflow.sdk import dag, task
+
+        @dag(dag_id="wedged_owner", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"))
+        def wedged_owner():
+            @task.ray(num_cpus=0)
+            def stuck_in_submit() -> int:
+                return 1
+
+            @task.ray(num_cpus=0)
+            def stuck_in_poll() -> int:
+                return 2
+
+            stuck_in_submit()
+            stuck_in_poll()
+
+        wedged_owner_dag = wedged_owner()
+    """))
+    proc = start_py(f"""
+        import sys, time
+        from airflow_ray_provider import submission
+        submission.OWNER_CALL_TIMEOUT_S = 3.0  # the submit bound; polls are bounded by the 5 s lease
+        sys.path.insert(0, {str(tmp_path)!r})
+        from wedged_owner_dag import wedged_owner_dag
+        started = time.monotonic()
+        dr = wedged_owner_dag.test()
+        emit(states=task_states(dr), seconds=time.monotonic() - started)
+    """, env={**session_ray_conn(namespace=namespace, lease_timeout=5), "AIRFLOW__CORE__DAGS_FOLDER": str(tmp_path)})
+    try:
+        result, output = result_of(proc, timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        _stop_actor(wedged)
+    assert result["states"] == {"stuck_in_submit": "failed", "stuck_in_poll": "failed"}, output[-6000:]
+    owner = f"owner actor 'airflow-ray-owner-0' (namespace '{namespace}')"
+    for task_id, what, bound in (("stuck_in_submit", "submit", "3s"), ("stuck_in_poll", "poll", "5s")):
+        assert re.search(rf"RayWaitTimeout: No answer from {re.escape(owner)}: {what}\b.* of Ray task "
+                         rf"wedged_owner\.{task_id} \(key wedged_owner/[^/]+/{task_id}/-1/\d+/[0-9a-f]{{8}}\) "
+                         rf"within {bound} \(Ray cluster at [^)]+\)", output), output[-6000:]
+    assert "Not waiting for " + owner in output, output[-6000:]  # cancel did not wait on it again
+    assert result["seconds"] < 120, result
+
+
+def _big_bytes(n: int) -> bytes:
+    return b"x" * n
+
+
+@pytest.mark.parametrize("broken", ["remote lookup", "remote and local lookups"])
+def test_a_failed_location_lookup_is_logged_and_never_pulls_the_result_into_the_owner(
+        ray_cluster: str, broken: str) -> None:
+    """``get_object_locations`` failing in the owner must not make it fetch a 64 MiB result to decide.
+
+    The fault is injected into a real owner actor (its own copy of ``ray.experimental`` raises);
+    the Ray task, the object store and the actor's peak memory are real.
+    """
+    import ray
+
+    from airflow_ray_provider.owner import TaskOwner, owner_name
+
+    class FaultyLocationsOwner(TaskOwner):
+        def __init__(self, broken: str) -> None:
+            import ray.experimental
+
+            super().__init__()
+            self._lines: list[str] = []
+            lines = self._lines
+
+            class Keep(logging.Handler):
+                def emit(self, record: logging.LogRecord) -> None:
+                    lines.append(record.getMessage())
+
+            logging.getLogger("airflow_ray_provider.owner").addHandler(Keep())
+
+            def down(*args: object, **kwargs: object) -> None:
+                raise RuntimeError("injected fault: object locations unavailable")
+
+            ray.experimental.get_object_locations = down
+            if broken == "remote and local lookups":
+                ray.experimental.get_local_object_locations = down
+
+        async def peak_rss_kib(self) -> int:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+        async def log_lines(self) -> list[str]:
+            return list(self._lines)
+
+    _connect(ray_cluster)
+    namespace = f"unlocated-{uuid.uuid4().hex[:8]}"
+    # A runtime_env of its own gives the actor a fresh worker process, so its peak RSS is its own.
+    owner = ray.remote(FaultyLocationsOwner).options(
+        name=owner_name(0), namespace=namespace, num_cpus=0, max_concurrency=1000,
+        runtime_env={"env_vars": {"AIRFLOW_RAY_TEST_FRESH_WORKER": namespace}}).remote(broken)
+    size = 64 << 20
+    run = RayTaskRun(key=f"unlocated/{uuid.uuid4().hex}", task_label="test.unlocated", namespace=namespace,
+                     shards=1, lease_s=60, log=LOG)
+    try:
+        before = ray.get(owner.peak_rss_kib.remote(), timeout=60)
+        run.submit(_big_bytes, (size,), {}, {"num_cpus": 0})
+        assert run.wait()["state"] == "finished"
+        grown_mib = (ray.get(owner.peak_rss_kib.remote(), timeout=60) - before) / 1024
+        assert grown_mib < 32, f"the owner's peak RSS grew by {grown_mib:.0f} MiB: it fetched the result"
+        lines = ray.get(owner.log_lines.remote(), timeout=60)
+        assert any("get_object_locations failed" in line and run.key in line and "injected fault" in line
+                   for line in lines), lines
+        if broken == "remote and local lookups":
+            assert any(run.key in line and "without fetching it into the owner actor" in line for line in lines), lines
+        else:  # the owner's own core worker still knew where the object is
+            info = ray.get(run.owner.describe.remote(run.key), timeout=60)
+            assert info["size"] >= size and info["node_ids"], info
+        assert len(run.fetch()) == size  # the result itself is intact
+    finally:
+        run.release()
+        _stop_actor(owner)

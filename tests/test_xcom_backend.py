@@ -221,9 +221,10 @@ def test_a_finished_run_starts_the_gc_in_the_background(airflow_home: Path, tmp_
 
     That is ``xcom gc`` and ``checkpoints prune``.
     """
-    from airflow_ray_provider.checkpoint import Store, TaskCheckpoint, TaskKey
+    from airflow_ray_provider.checkpoint import TaskCheckpoint, TaskKey
+    from airflow_ray_provider.storage import make_store
 
-    old = TaskCheckpoint(Store(str(tmp_path / "ckpt")), TaskKey("old_dag", "old_run", "t"))
+    old = TaskCheckpoint(make_store(str(tmp_path / "ckpt"), None), TaskKey("old_dag", "old_run", "t"))
     old.write_result("old")
     result, output = run_py("""
         import os, time, ray
@@ -247,13 +248,14 @@ def test_a_finished_run_starts_the_gc_in_the_background(airflow_home: Path, tmp_
 
 
 # -- references read from the DB are validated (no Ray, no unpickling) ------------------------------
-GOOD = {"__airflow_ray__": "object", "version": 1, "conn_id": "ray_default", "namespace": "airflow", "owner": 0,
-        "origin": {"dag_id": "d", "task_id": "t", "run_id": "r", "map_index": -1}, "key": "d/r/t/-1/1/ab",
+GOOD = {"__airflow_ray__": "object", "version": 2, "conn_id": "ray_default", "namespace": "airflow", "owner": 0,
+        "origin": {"dag_id": "d", "task_id": "t", "run_id": "r", "map_index": -1, "xcom_key": "return_value"},
+        "key": "d/r/t/-1/1/ab",
         "type": "int", "size": 3, "summary": "1", "nodes": ["ab12"], "checkpoint": None}
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"version": 2}, "unsupported version 2"),
+    ({"version": 1}, "unsupported version 1"),
     ({"__airflow_ray__": "pickle"}, "kind 'pickle'"),
     ({"key": 7}, "field 'key' is missing or malformed"),
     ({"namespace": "../x"}, "field 'namespace' is missing or malformed"),

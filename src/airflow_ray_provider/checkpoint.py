@@ -10,8 +10,11 @@ an earlier try wrote::
         state/<name>/...            progress the callable saves with TaskCheckpoint.save
         tune/                       storage for Ray Tune / Ray Train runs started in the task
 
-A reader reads the manifest, then checks each file's sha256 before anything is
-decoded; a partial write has no manifest (or the previous one), so it is never read.
+A reader reads the manifest, checks its signature (HMAC with the deployment's secret,
+which the Airflow side hands to the worker in the :class:`Store`; see ``signing.py``),
+then checks each file's sha256 before anything is decoded. Whoever can write to the
+bucket but does not hold the secret cannot plant a result or progress that a retry
+loads. A partial write has no manifest (or the previous one), so it is never read.
 DataFrames go as Parquet, Arrow tables as Arrow IPC, numpy arrays as ``.npy``, other
 values as cloudpickle, which is only ever loaded from bytes whose digest matched.
 
@@ -25,6 +28,7 @@ import contextvars
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,9 +39,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_ray_provider import signing
+
 MANIFEST = "manifest.json"
 FORMAT = "airflow-ray-checkpoint"
-VERSION = 1
+VERSION = 2  # 1 was unsigned; such manifests are refused
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_PARTS = 100_000
 _COMPONENT_MAX = 200
@@ -45,6 +51,8 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DATA_FILE = re.compile(r"[0-9a-f]{16}-[0-9]{1,6}\.(npy|parquet|arrow|pkl)")
 _CODECS = {"npy": "npy", "parquet": "parquet", "arrow": "arrow", "pickle": "pkl"}  # codec -> file extension
 _CHUNK = 8 * 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(Exception):
@@ -90,11 +98,13 @@ def original_component(segment: str) -> str:
 class Store:
     """A checkpoint root (``file:///…``, ``s3://bucket/prefix``, ``gs://…``) and the fsspec options to reach it.
 
-    ``storage_options`` may hold credentials: they are never part of ``repr`` or a message.
+    ``storage_options`` may hold credentials and ``secret`` signs and verifies manifests: neither
+    is ever part of ``repr`` or a message. Without a secret nothing can be written or read.
     """
 
     root: str
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    secret: bytes = field(default=b"", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.root, str) or not self.root.strip():
@@ -114,6 +124,12 @@ class Store:
         except (ImportError, ValueError) as exc:
             raise CheckpointError(f"Cannot open checkpoint root {self.root!r}: {exc}") from exc
         return fs, path.rstrip("/")
+
+    def signing_secret(self) -> bytes:
+        if not self.secret:
+            raise CheckpointError(f"Checkpoint store {self.root!r} has no signing secret, so its manifests can be "
+                                  f"neither written nor trusted; build it with storage.make_store()")
+        return self.secret
 
     def url(self, path: str) -> str:
         """A full URL for a path inside this store (for messages and references)."""
@@ -234,6 +250,7 @@ class TaskCheckpoint:
     # -- the machinery -------------------------------------------------------------------------
     def _write(self, sub: tuple[str, ...], value: Any, *, fingerprint: str | None = None,
                split: str | None = None) -> dict[str, Any]:
+        secret = self.store.signing_secret()
         fs, root = self.store.filesystem()
         folder = self._folder(root, *sub)
         container, names, items = _split(value, split)
@@ -248,9 +265,12 @@ class TaskCheckpoint:
                 digest, size = _put(fs, f"{folder}/{file_name}", writer)
                 parts.append({"name": name, "file": file_name, "codec": codec, "type": _type_name(item),
                               "size": size, "sha256": digest})
-            body = json.dumps({"format": FORMAT, "version": VERSION, "created": time.time(),
-                               "task": self.key.as_json(), "fingerprint": fingerprint, "container": container,
-                               "parts": parts}, sort_keys=True).encode()
+            # "slot" binds the manifest to its folder: a signed result manifest copied over a progress
+            # save (or the reverse) is refused like a forged one.
+            fields = {"format": FORMAT, "version": VERSION, "created": time.time(), "task": self.key.as_json(),
+                      "slot": "/".join(sub), "fingerprint": fingerprint, "container": container, "parts": parts}
+            fields["signature"] = signing.sign(secret, signing.MANIFEST, fields)
+            body = json.dumps(fields, sort_keys=True).encode()
             _commit(fs, f"{folder}/{MANIFEST}", body)
         except CheckpointError:
             raise
@@ -274,7 +294,8 @@ class TaskCheckpoint:
             raise CheckpointError(f"Cannot read the checkpoint at {url}: {type(exc).__name__}: {exc}") from exc
         if body is None:
             raise CheckpointCorrupted(f"Checkpoint manifest {url} is {size} bytes; refusing to read it")
-        return parse_manifest(body, url, self.key, expected_sha256)
+        return parse_manifest(body, url, self.key, expected_sha256, secret=self.store.signing_secret(),
+                              slot="/".join(sub))
 
     def _load(self, sub: tuple[str, ...], manifest: Manifest, part: int | None) -> Any:
         fs, root = self.store.filesystem()
@@ -297,22 +318,30 @@ def restore_result(checkpoint: TaskCheckpoint, part: int | None, sha256: str | N
     return checkpoint.load_result(part=part, expected_sha256=sha256)
 
 
-def parse_manifest(body: bytes, url: str, key: TaskKey | None = None, expected_sha256: str | None = None) -> Manifest:
-    """Validate manifest bytes read from storage; raise :class:`CheckpointCorrupted` naming the problem."""
+def parse_manifest(body: bytes, url: str, key: TaskKey | None = None, expected_sha256: str | None = None, *,
+                   secret: bytes, slot: str | None = None) -> Manifest:
+    """Verify and validate manifest bytes read from storage; raise :class:`CheckpointCorrupted` naming the problem.
+
+    No digest is ever put in a message: one that echoed the real digest would hand a forger
+    the value to write into the next forged reference.
+    """
     digest = hashlib.sha256(body).hexdigest()
     if expected_sha256 is not None and digest != expected_sha256:
-        raise CheckpointCorrupted(f"Checkpoint manifest {url} has sha256 {digest}, but the XCom reference "
-                                  f"recorded {expected_sha256}: it was changed after the task wrote it")
+        raise CheckpointCorrupted(f"Checkpoint manifest {url} does not match the digest its XCom reference "
+                                  f"recorded: it was changed after the task wrote it. Nothing was loaded")
     try:
         raw = json.loads(body)
     except ValueError as exc:
         raise CheckpointCorrupted(f"Checkpoint manifest {url} is not valid JSON: {exc}") from None
-    fields = {"format", "version", "created", "task", "fingerprint", "container", "parts"}
+    fields = {"format", "version", "created", "task", "slot", "fingerprint", "container", "parts", "signature"}
     if not isinstance(raw, dict) or set(raw) != fields:
-        raise CheckpointCorrupted(f"Checkpoint manifest {url} must have exactly the fields {sorted(fields)}")
+        raise CheckpointCorrupted(f"Checkpoint manifest {url} must have exactly the fields {sorted(fields)} "
+                                  f"(version {VERSION}; unsigned manifests of version 1 are not read)")
     if raw["format"] != FORMAT or raw["version"] != VERSION:
-        raise CheckpointCorrupted(f"Checkpoint manifest {url}: unsupported format {raw['format']!r} "
-                                  f"version {raw['version']!r}")
+        raise CheckpointCorrupted(f"Checkpoint manifest {url}: unsupported format {str(raw['format'])[:50]!r} "
+                                  f"version {str(raw['version'])[:20]!r}")
+    if slot is not None and raw["slot"] != slot:
+        raise CheckpointCorrupted(f"Checkpoint manifest {url} was written for {str(raw['slot'])[:200]!r}, not {slot!r}")
     if key is not None and raw["task"] != key.as_json():
         raise CheckpointCorrupted(f"Checkpoint manifest {url} belongs to {raw['task']!r}, not {key.as_json()!r}")
     if raw["fingerprint"] is not None and not (isinstance(raw["fingerprint"], str)
@@ -329,6 +358,12 @@ def parse_manifest(body: bytes, url: str, key: TaskKey | None = None, expected_s
                                   f"(one part for a single value)")
     for i, part in enumerate(parts):
         _check_part(part, i, raw["container"], url)
+    # Last, so a malformed manifest says what is malformed; before anything is returned or loaded.
+    if not signing.verify(secret, signing.MANIFEST, {k: v for k, v in raw.items() if k != "signature"},
+                          raw["signature"]):
+        raise CheckpointCorrupted(f"Checkpoint manifest {url} is not signed with this deployment's [ray] secret_key "
+                                  f"(planted or edited in the store, or written by another deployment); nothing "
+                                  f"from it was loaded")
     return Manifest(sha256=digest, container=raw["container"], parts=tuple(parts), fingerprint=raw["fingerprint"],
                     created=float(raw["created"]), size=sum(p["size"] for p in parts))
 
@@ -339,7 +374,8 @@ def _check_part(part: Any, i: int, container: str, url: str) -> None:
         raise CheckpointCorrupted(f"{where}: must hold name, file, codec, type, size, sha256")
     if not isinstance(part["file"], str) or not _DATA_FILE.fullmatch(part["file"]):
         raise CheckpointCorrupted(f"{where}: malformed file name {str(part['file'])[:100]!r}")
-    if part["codec"] not in _CODECS or not part["file"].endswith("." + _CODECS[part["codec"]]):
+    if (not isinstance(part["codec"], str) or part["codec"] not in _CODECS
+            or not part["file"].endswith("." + _CODECS[part["codec"]])):
         raise CheckpointCorrupted(f"{where}: unknown codec {part['codec']!r}")
     if not isinstance(part["sha256"], str) or not _HEX64.fullmatch(part["sha256"]):
         raise CheckpointCorrupted(f"{where}: 'sha256' must be a hex digest")
@@ -535,12 +571,18 @@ def _commit(fs: Any, path: str, body: bytes) -> None:
 
 
 def _remove_stale(fs: Any, folder: str, keep: set[str]) -> None:
-    """Delete data files of earlier writes that the new manifest no longer names (best effort)."""
-    with contextlib.suppress(Exception):
+    """Delete data files of earlier writes that the new manifest no longer names (best effort).
+
+    A failure costs only storage (the files are never read: no manifest names them), so it is
+    logged, not raised: the checkpoint itself is already committed.
+    """
+    try:
         for entry in fs.ls(folder, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             if _DATA_FILE.fullmatch(name) and name not in keep:
                 fs.rm_file(entry)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.warning("Could not remove stale checkpoint files in %s: %s: %s", folder, type(exc).__name__, exc)
 
 
 @contextlib.contextmanager
@@ -579,9 +621,9 @@ def _get(fs: Any, path: str, part: dict[str, Any], store: Store) -> Any:
                 digest, size = _file_digest(local)
             if digest != part["sha256"] or size != part["size"]:
                 raise CheckpointCorrupted(
-                    f"Checkpoint file {url} does not match its manifest (sha256 {digest}, {size} bytes; "
-                    f"expected {part['sha256']}, {part['size']} bytes). It was corrupted or tampered with; "
-                    f"it was not loaded"
+                    f"Checkpoint file {url} does not match its manifest ({size} bytes, expected {part['size']}; "
+                    f"sha256 {'matches' if digest == part['sha256'] else 'differs'}). It was corrupted or "
+                    f"tampered with; it was not loaded"
                 )
             if part["codec"] == "pickle":
                 from ray import cloudpickle

@@ -132,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Ray Client: {state.client_address}")
         if state.dashboard_url:
             print(f"dashboard: {state.dashboard_url}")
+        # Where the token is, never the token: clients of the head (ray.init, `ray` CLI) need it.
+        if state.auth_mode != "token":
+            print("auth: DISABLED (started with RAY_AUTH_MODE=disabled): any local user can join")
+        elif state.token_file:
+            print(f"auth: token in {state.token_file} (clients: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<that file>)")
+        else:
+            print("auth: token from RAY_AUTH_TOKEN in the environment that started it")
     return 0
 
 

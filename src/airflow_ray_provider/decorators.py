@@ -231,11 +231,15 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
     def _reference(self, run: RayTaskRun, location: Location,
                    checkpoint: dict[str, Any] | None = None) -> RayObject | RayObjectList | RayObjectDict:
         """The XCom the backend stores: the result stays in Ray; lists and dicts are split when consumed by item."""
-        import ray
+        from airflow_ray_provider import submission
+
+        def owner_call(ref: Any, method: str, timeout: float) -> Any:
+            return submission.bounded_get(ref, timeout=timeout, what=f"{run.owner_label}: {method} of Ray task "
+                                          f"{self.task_label} (key {run.key})")
 
         ident = self._ray_identity
         origin = Origin(self.dag_id, self.task_id, str(ident.get("run_id") or ""), ident.get("map_index", -1))
-        info = ray.get(run.owner.describe.remote(run.key))
+        info = owner_call(run.owner.describe.remote(run.key), "describe", submission.OWNER_CALL_TIMEOUT_S)
         meta = info["meta"]
         names = run.events.get("names")
         mapped_over = not self._ray_identity.get("is_mapped") and next(self.iter_mapped_dependants(), None)
@@ -243,13 +247,13 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
             raise TypeError(f"Task {self.task_label} has multiple_outputs=True, so it must return a dict with "
                             f"string keys; it returned {meta.get('type')}")
         if names is not None and (self.multiple_outputs or mapped_over):
-            items = ray.get(run.owner.split.remote(run.key, names))
+            items = owner_call(run.owner.split.remote(run.key, names), "split", submission.SPLIT_TIMEOUT_S)
             return RayObjectDict({n: _item(i, location, origin, n, _part(checkpoint, k))
                                   for k, (n, i) in enumerate(zip(names, items, strict=True))},
                                  location=location, origin=origin, type=meta.get("type", "dict"),
                                  summary=meta.get("summary", ""))
         if mapped_over and meta.get("type") in ("list", "tuple"):
-            items = ray.get(run.owner.split.remote(run.key, None))
+            items = owner_call(run.owner.split.remote(run.key, None), "split", submission.SPLIT_TIMEOUT_S)
             return RayObjectList([_item(i, location, origin, str(n), _part(checkpoint, n))
                                   for n, i in enumerate(items)],
                                  location=location, origin=origin, kind=meta["type"], type=meta["type"],
@@ -324,7 +328,12 @@ def inputs_digest(value: Any) -> str:
 
     try:
         return hashlib.sha256(cloudpickle.dumps(identity(value), protocol=5)).hexdigest()
-    except Exception:  # noqa: BLE001 - reported by by_reference/submit with the argument's name
+    except Exception as exc:  # noqa: BLE001 - reported by by_reference/submit with the argument's name
+        import logging
+
+        logging.getLogger(__name__).info(
+            "Task inputs cannot be pickled for a checkpoint fingerprint (%s: %s); this result will not be "
+            "reused on a rerun", type(exc).__name__, exc)
         return uuid.uuid4().hex
 
 

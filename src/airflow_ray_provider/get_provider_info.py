@@ -27,10 +27,13 @@ def get_provider_info() -> dict[str, Any]:
                 "hook-name": "Ray",
                 "connection-type": "ray",
                 "conn-fields": {
+                    # No default: a pre-filled "local" here used to shadow the Host/Port the user typed.
+                    # Either this field or Host/Port names the cluster; both set and different is an error.
                     "address": {
                         "label": "Ray address",
-                        "schema": {"type": ["string", "null"], "default": "local"},
-                        "description": "local (embedded head), auto, host:port (GCS), or ray://host:10001 (Ray Client)",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "local, auto, host:port (GCS) or ray://host:10001 (Ray Client). "
+                        "Leave empty to use Host/Port; all empty: local (the embedded head)",
                     },
                     "namespace": {
                         "label": "Ray namespace",
@@ -82,8 +85,8 @@ def get_provider_info() -> dict[str, Any]:
                     "hidden-fields": ["schema", "login", "extra"],
                     "relabeling": {"password": "Ray auth token"},
                     "placeholders": {
-                        "host": "optional: GCS host (or use the address field)",
-                        "port": "optional: GCS port",
+                        "host": "GCS host (or local, auto, ray://host); or use the Ray address field",
+                        "port": "GCS port, e.g. 6379; 0 or empty for local/auto",
                         "password": "token for clusters started with RAY_AUTH_MODE=token",
                     },
                 },

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
 import subprocess
@@ -13,11 +15,24 @@ from typing import Any
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
-from airflow_ray_provider.local_cluster import LocalRayCluster, port_open
+from airflow_ray_provider.local_cluster import (
+    LocalRayCluster,
+    is_loopback_host,
+    keep_loopback_addresses,
+    port_open,
+)
 from airflow_ray_provider.settings import AUTO, LOCAL, RayAddress, RayConnectionError, RaySettings
 
 _connect_lock = threading.Lock()
-_connected: dict[str, str] = {}  # this process's Ray connection: {"address": ..., "namespace": ...}
+# This process's Ray connection, recorded by get_conn: conn_id, address (as given to ray.init), namespace,
+# token_sha256, gcs_address (what the driver's core worker talks to) and cluster_id (hex). Only a digest of
+# the token is kept, so neither an error message nor a dump of this dict can show the token.
+_connected: dict[str, str | None] = {}
+# How long the pre-reuse check waits for the GCS behind the connection to say which cluster it is.
+_CLUSTER_CHECK_TIMEOUT_S = 5.0
+# A week, in seconds (fits Ray's int32 config even as milliseconds); see _connect_bounded.
+_GCS_RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
+_DRIVER_GCS_RECONNECT_TIMEOUT_S = str(7 * 24 * 3600)
 
 
 class RayHook(BaseHook):
@@ -51,12 +66,23 @@ class RayHook(BaseHook):
                 self._settings = RaySettings.from_fields(
                     host=conn.host, port=conn.port, password=conn.password, extra=conn.extra_dejson
                 )
+            if self._settings.address.kind == LOCAL:
+                # The embedded head accepts only its own token (its token file, or the user's
+                # RAY_AUTH_TOKEN it was started with: LocalRayCluster.auth_token knows which), so a
+                # password on a `local` connection could only be wrong: it is ignored, visibly.
+                token = LocalRayCluster().auth_token()
+                if self._settings.auth_token and self._settings.auth_token != token:
+                    self.log.warning("Connection %r names the embedded head (address local); its password is "
+                                     "ignored: the head's own token is used", self.ray_conn_id)
+                self._settings = dataclasses.replace(self._settings, auth_token=token)
         return self._settings
 
     # -- connecting --------------------------------------------------------------
     def resolve_address(self) -> str:
         """The address handed to ``ray.init``; starts the embedded head for ``local``."""
         address = self.settings.address
+        if address.kind == LOCAL or (address.kind == "gcs" and is_loopback_host(address.host)):
+            keep_loopback_addresses()  # else Ray dials the machine's address, where the local head is not
         if address.kind == LOCAL:
             return LocalRayCluster().ensure_running().address
         if address.kind == AUTO:
@@ -64,25 +90,67 @@ class RayHook(BaseHook):
         return str(address)
 
     def get_conn(self) -> Any:
-        """Connect this process to the cluster once (bounded by ``connect_timeout``) and return ``ray``."""
+        """Connect this process to the cluster once (bounded by ``connect_timeout``) and return ``ray``.
+
+        A process keeps one connection, with one identity (address, namespace, token). A later call
+        whose connection differs in any of them is refused, naming both connections; reusing the first
+        would run the task as someone else, or on another cluster than its connection names.
+
+        Before the connection is reused, the GCS behind it must still be the cluster this process
+        joined: after a restart behind the same host:port, the driver's next ``ray.nodes()`` dies in
+        Ray's C++ core ("WrongClusterID") and takes the whole process (``airflow dags test``, a
+        triggerer) with it, with no Python exception. A replaced cluster is reconnected to, with a
+        warning; one that does not answer fails the task with an error naming it.
+        """
         import ray
 
         settings = self.settings
         with _connect_lock:
             target = self.resolve_address()
+            wanted = _identity(self.ray_conn_id, target, settings)
             if ray.is_initialized():
-                current = _connected.get("address")
-                if current not in (None, target) or _connected.get("namespace") not in (None, settings.namespace):
+                if not _connected:
+                    return ray  # joined by other code (user code, a Ray worker): no identity to compare
+                differs = _differences(_connected, wanted)
+                if differs and _connected.get("conn_id") != self.ray_conn_id:
                     _precheck_tcp(settings.address, target, min(5.0, settings.connect_timeout))
+                    raise self._identity_error(differs)
+                timeout = min(_CLUSTER_CHECK_TIMEOUT_S, settings.connect_timeout)
+                state, answering = _cluster_status(_connected, timeout)
+                if state == _SAME:
+                    if differs:  # e.g. the connection's token was edited while its cluster kept running
+                        raise self._identity_error(differs)
+                    return ray
+                joined = _connected.get("cluster_id")
+                if state == _UNREACHABLE and not differs:
+                    # Not a reconnect: if the same cluster comes back (GCS fault tolerance) the connection
+                    # is still good, and a retry of the task reuses it; a new cluster is joined then.
                     raise RayConnectionError(
-                        f"This process is already connected to the Ray cluster at {current} "
-                        f"(namespace {_connected.get('namespace')}); connection {self.ray_conn_id!r} "
-                        f"asks for {target} (namespace {settings.namespace}). Use one Ray connection per worker."
+                        f"The Ray cluster at {target} (cluster id {joined}), which this process is connected "
+                        f"to through connection {_connected.get('conn_id')!r}, does not answer at its GCS "
+                        f"{_connected.get('gcs_address')} ({answering}); it is down or restarting"
                     )
-                return ray
+                # Replaced behind the same address, or gone while this connection now names another
+                # address (the embedded head restarted on new ports): nothing of the old one is usable.
+                self.log.warning(
+                    "The Ray cluster at %s changed under this process (joined cluster id %s, now %s); "
+                    "disconnecting and connecting to %s through connection %r",
+                    _connected.get("address"), joined, answering, target, self.ray_conn_id,
+                )
+                _disconnect(_connected.get("address"))
             _connect_bounded(target, settings)
-            _connected.update(address=target, namespace=settings.namespace)
+            gcs_address, cluster_id = _joined_cluster()
+            _connected.clear()
+            _connected.update(wanted, gcs_address=gcs_address, cluster_id=cluster_id)
         return ray
+
+    def _identity_error(self, differs: list[str]) -> RayConnectionError:
+        return RayConnectionError(
+            f"This process is already connected to the Ray cluster at {_connected.get('address')} "
+            f"(namespace {_connected.get('namespace')}) through connection {_connected.get('conn_id')!r}; "
+            f"connection {self.ray_conn_id!r} differs in {'; '.join(differs)}. One process joins one Ray "
+            f"cluster with one identity, so it is not reused. Use one Ray connection per worker."
+        )
 
     # -- checks ------------------------------------------------------------------
     def check_feasible(self, request: dict[str, float], task_label: str) -> None:
@@ -125,7 +193,16 @@ class RayHook(BaseHook):
         except subprocess.TimeoutExpired:
             return False, f"Ray cluster at {target} did not answer within {settings.connect_timeout:.0f}s"
         lines = (proc.stdout.strip() or proc.stderr.strip() or "no output").splitlines()
-        return proc.returncode == 0, lines[-1]
+        if proc.returncode != 0:
+            return False, lines[-1]
+        # Say which field named the cluster, so a Host/Port or address the user did not mean is visible.
+        source = {
+            "address": f"from the 'address' extra {str(settings.address)!r}",
+            "host/port": "from Host/Port",
+            "default": "no address set",
+        }.get(settings.address_source, settings.address_source)
+        where = f"embedded head, {source}" if settings.address.kind == LOCAL else source
+        return True, f"{lines[-1]} ({where})"
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
@@ -136,6 +213,101 @@ class RayHook(BaseHook):
 
 def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _identity(conn_id: str, target: str, settings: RaySettings) -> dict[str, str | None]:
+    """What makes two connections the same one for this process (the token only as a digest)."""
+    token = settings.auth_token
+    return {
+        "conn_id": conn_id,
+        "address": target,
+        "namespace": settings.namespace,
+        "token_sha256": hashlib.sha256(token.encode()).hexdigest() if token else None,
+    }
+
+
+def _differences(current: dict[str, str | None], wanted: dict[str, str | None]) -> list[str]:
+    """How ``wanted`` differs from the connection in use, worded without the tokens or their digests."""
+    found = []
+    if current.get("address") != wanted["address"]:
+        found.append(f"the cluster address ({current.get('address')} in use, {wanted['address']} asked)")
+    if current.get("namespace") != wanted["namespace"]:
+        found.append(f"the namespace ({current.get('namespace')} in use, {wanted['namespace']} asked)")
+    old, new = current.get("token_sha256"), wanted["token_sha256"]
+    if old != new:
+        detail = ("none in use, one asked" if old is None else "one in use, none asked" if new is None
+                  else "a different token; neither is shown")
+        found.append(f"the auth token ({detail})")
+    return found
+
+
+_SAME, _REPLACED, _UNREACHABLE = "same", "replaced", "unreachable"
+
+
+def _joined_cluster() -> tuple[str | None, str | None]:
+    """``(gcs_address, cluster_id hex)`` of the cluster this driver is connected to; ``(None, None)`` for
+    Ray Client (``ray://``), whose driver runs in the cluster's client server, not here."""
+    import ray
+
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    if node is None:
+        return None, None
+    return node.gcs_address, node.cluster_id.hex()
+
+
+def _cluster_status(connected: dict[str, str | None], timeout: float) -> tuple[str, str]:
+    """Whether the GCS at the connected address is still the cluster this process joined.
+
+    Asks through a fresh, standalone GCS client, never the driver's own: that one sends the joined
+    cluster id, and Ray aborts the process when a restarted GCS rejects it. The fresh client fetches
+    the id of whatever answers (about 0.5 ms on a healthy local head). Returns ``(state, what answers)``.
+    """
+    gcs_address, joined = connected.get("gcs_address"), connected.get("cluster_id")
+    if not gcs_address or not joined:
+        return _SAME, "not checked"  # Ray Client: the cluster's client server holds the driver
+    host, _, port = gcs_address.rpartition(":")
+    # A closed port is the common "down" case: without this, the GCS client below would sit out its
+    # own connect timeouts (about 11 s here) and log warnings for each of them.
+    if not port_open(host.strip("[]"), int(port), timeout=min(timeout, 2.0)):
+        return _UNREACHABLE, "nothing accepts connections there"
+    outcome: dict[str, Any] = {}
+
+    def _ask() -> None:
+        from ray._raylet import InnerGcsClient
+
+        try:
+            outcome["id"] = InnerGcsClient.standalone(gcs_address, None, int(timeout * 1000)).cluster_id.hex()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            outcome["error"] = exc
+
+    # A helper thread bounds the call: the GCS client's own timeouts add up to about 11 s (the call
+    # releases the GIL, so the thread costs about 0.1 ms, not the bound).
+    thread = threading.Thread(target=_ask, name="airflow-ray-cluster-check", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if "id" in outcome:
+        return (_SAME, outcome["id"]) if outcome["id"] == joined else (_REPLACED, outcome["id"])
+    error = outcome.get("error")
+    if error is None:
+        return _UNREACHABLE, f"no answer within {timeout:g}s"
+    if _refused_token(error):
+        # The joined cluster accepted this token; one that refuses it is another cluster.
+        return _REPLACED, "a cluster that refuses this process's token"
+    return _UNREACHABLE, f"{type(error).__name__}: {error}"
+
+
+def _disconnect(address: str | None) -> None:
+    """``ray.shutdown()`` of a connection whose cluster is gone (about 0.4 s; 5 s while its GCS is down)."""
+    import ray
+
+    try:
+        ray.shutdown()
+    except Exception as exc:
+        raise RayConnectionError(
+            f"Cannot disconnect from the replaced Ray cluster at {address} to reconnect: {exc}"
+        ) from exc
+    finally:
+        _connected.clear()
 
 
 def _precheck_tcp(address: RayAddress, target: str, timeout: float) -> None:
@@ -189,6 +361,15 @@ def _connect_bounded(target: str, settings: RaySettings) -> None:
         os.environ["RAY_AUTH_TOKEN"] = settings.auth_token
         _reload_ray_auth_config()
     outcome: dict[str, BaseException | None] = {}
+    # Ray's C++ core ends a driver whose GCS stays unreachable for gcs_rpc_server_reconnect_timeout_s
+    # (60 s): seen here, an idle `airflow dags test`-like process exited 60 s into its cluster's outage.
+    # A long-lived process must outlive an outage (get_conn then refuses tasks naming the cluster, and
+    # reconnects once one answers), so the driver gets a week. Ray reads it when the driver's core worker
+    # starts (inside ray.init); it is set only for that, so Ray processes started later from this
+    # process (the embedded head) keep Ray's default. A value the user set is kept.
+    own_reconnect_timeout = _GCS_RECONNECT_ENV not in os.environ
+    if own_reconnect_timeout:
+        os.environ[_GCS_RECONNECT_ENV] = _DRIVER_GCS_RECONNECT_TIMEOUT_S
 
     def _init() -> None:
         try:
@@ -200,7 +381,11 @@ def _connect_bounded(target: str, settings: RaySettings) -> None:
 
     thread = threading.Thread(target=_init, name="airflow-ray-connect", daemon=True)
     thread.start()
-    thread.join(max(1.0, settings.connect_timeout - (time.monotonic() - started)))
+    try:
+        thread.join(max(1.0, settings.connect_timeout - (time.monotonic() - started)))
+    finally:
+        if own_reconnect_timeout:
+            os.environ.pop(_GCS_RECONNECT_ENV, None)
     if thread.is_alive():
         raise RayConnectionError(
             f"Cannot connect to the Ray cluster at {target}: no answer within {settings.connect_timeout:.0f}s"

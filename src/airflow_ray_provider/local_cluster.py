@@ -7,6 +7,12 @@ process owns it) and records it in a state file; every later caller, in any
 process, reuses it. A file lock makes concurrent first callers start exactly one
 head. All ports are chosen free at start; Ray's fixed defaults (6379 for the GCS,
 10001, 8265, 52365) are never used because other services hold them here.
+
+The head is private to the user who started it: it listens on loopback only, requires
+a random token (``$AIRFLOW_HOME/ray/auth-token``, 0600) from every client, and keeps its
+state, logs and Ray temp dir in 0700 directories. Its state file is checked against the
+live processes (pid, create time, command line, temp dir) before anything is signalled,
+so a stale file never leads to killing an unrelated process.
 """
 
 from __future__ import annotations
@@ -14,15 +20,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
@@ -35,7 +44,21 @@ START_TIMEOUT_S = 120.0
 # the warm worker survive between tasks: that depends on the owner actor's creating job
 # staying alive (see benchmarks/results/chain10*.md and benchmarks/worker_reuse.py).
 RAY_SYSTEM_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0"}
-_STATE_VERSION = 1
+LOOPBACK = "127.0.0.1"
+# Ray rewrites a loopback --node-ip-address to the machine's address (services.resolve_ip_for_localhost
+# -> get_node_ip_address) unless ray_constants.ENABLE_RAY_CLUSTER is false; every server of the node
+# (GCS, raylet, dashboard agent, Ray Client) then binds all interfaces. With the switch off,
+# get_node_ip_address() returns 127.0.0.1, and each server sees a loopback node IP and binds loopback
+# only (e.g. dashboard/agent.py, util/client/server/server.py: `is_localhost(ip)`). The switch also
+# makes `ray start --address` refuse to join other nodes to *this* process's cluster, which it never does.
+LOOPBACK_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+TOKEN_FILE_NAME = "auth-token"
+_STATE_VERSION = 2
+_OLD_STATE_VERSIONS = frozenset({1})  # readable, but without process marks: never trusted for signalling
+_MARKED_PROCESSES = ("gcs_server", "raylet")  # what identifies a head we started (see _verify)
+_PRIVATE = 0o077  # group/other permission bits
+
+log = logging.getLogger(__name__)
 
 
 class LocalClusterError(RuntimeError):
@@ -43,8 +66,17 @@ class LocalClusterError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class ProcessMark:
+    """One process of the head as it was right after start: enough to tell it from a reused pid."""
+
+    pid: int
+    create_time: float
+    name: str
+
+
+@dataclass(frozen=True)
 class LocalClusterState:
-    """What the state file records about a running embedded head."""
+    """What the state file records about a running embedded head (never the token itself)."""
 
     address: str
     gcs_port: int
@@ -54,6 +86,10 @@ class LocalClusterState:
     started_at: float
     version: int = _STATE_VERSION
     client_address: str | None = None  # Ray Client (ray://); absent in state files written before it
+    auth_mode: str = "disabled"  # "token" or "disabled"; version-1 heads ran without auth
+    token_file: str | None = None  # where the token lives; None with auth disabled or the user's RAY_AUTH_TOKEN
+    session_started_at: float = 0.0  # create time of the `ray start` process that leads the session
+    processes: tuple[ProcessMark, ...] = field(default_factory=tuple)
 
 
 def airflow_home() -> Path:
@@ -81,14 +117,123 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def ray_process_env() -> dict[str, str]:
-    """The environment for Ray processes this package starts (heads, joined nodes, probe drivers).
+def ray_process_env(auth_token: str | None = None) -> dict[str, str]:
+    """The environment for Ray processes this package starts besides the embedded head (joined nodes,
+    probe drivers); the head itself gets ``LocalRayCluster._auth_env``.
 
-    Ray turns token auth on for a new node whenever ~/.ray/auth_token exists (any earlier ray.init()
-    writes one) and RAY_AUTH_MODE is unset; clients that do not send the token are then refused. So one
-    mode is set explicitly: the user's RAY_AUTH_MODE if given (``token`` opts in), else ``disabled``.
+    With ``auth_token`` (e.g. ``LocalRayCluster.auth_token()``, to join or query the embedded head) the
+    process presents that token. Without it, one mode is still set explicitly, because Ray turns token
+    auth on whenever ~/.ray/auth_token exists and RAY_AUTH_MODE is unset: the user's RAY_AUTH_MODE if
+    given, else ``disabled``.
     """
-    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # A joining node must not inherit keep_loopback_addresses()'s switch: Ray would refuse to start it.
+    for name in LOOPBACK_ONLY_ENV:
+        env.pop(name, None)
+    if auth_token:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=auth_token)
+    else:
+        env.setdefault("RAY_AUTH_MODE", "disabled")
+    return env
+
+
+def _owned_private(st: os.stat_result) -> bool:
+    return st.st_uid == os.getuid() and not st.st_mode & _PRIVATE
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` 0700, or tighten it to 0700 if it is ours; refuse one that is not ours.
+
+    ``lstat``, not ``stat``: a symlink planted at a predictable /tmp name must not redirect us.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise LocalClusterError(
+            f"Refusing {path}: it must be a directory owned by uid {os.getuid()} (found uid {st.st_uid}, "
+            f"mode {stat.filemode(st.st_mode)}); remove it or choose another home"
+        )
+    if st.st_mode & _PRIVATE:
+        os.chmod(path, 0o700)  # made by an older version, or by Ray itself (it chmods its dirs 0777)
+    return path
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """Open ``path`` (no symlinks) and check it is ours and neither group nor other can read or write it."""
+    fd = os.open(path, flags | os.O_NOFOLLOW)
+    st = os.fstat(fd)
+    if not _owned_private(st):
+        os.close(fd)
+        raise LocalClusterError(
+            f"Refusing {path}: it must be owned by uid {os.getuid()} and private (mode 0600), found uid "
+            f"{st.st_uid} and mode {stat.filemode(st.st_mode)}; fix with `chmod 600 {path}` if it is yours"
+        )
+    return fd
+
+
+def _tighten_readable(path: Path) -> None:
+    """Make a file of ours that others may only *read* (written 0644 by an older version) 0600.
+
+    One that others may write is left as it is, for ``_open_private`` to refuse: it may have been altered.
+    """
+    st = os.lstat(path)
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o044 and not st.st_mode & 0o022:
+        os.chmod(path, 0o600)
+
+
+def read_token_file(path: Path) -> str:
+    """The token in ``path``, refusing a file that others could read or that is not ours."""
+    fd = _open_private(path, os.O_RDONLY)
+    with os.fdopen(fd) as f:
+        token = f.read().strip()
+    if not token or any(c.isspace() for c in token):
+        raise LocalClusterError(f"Malformed token file {path}: expected one line with the token")
+    return token
+
+
+def load_or_create_token(path: Path) -> str:
+    """The token in ``path``, creating it (0600, 256 random bits) if missing; safe across processes.
+
+    The token is written to a private temp file (``mkstemp``: O_EXCL, 0600) and published with
+    ``os.link``, which fails if the name exists: a concurrent reader sees either no file or a
+    complete one, and exactly one creator wins.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        return read_token_file(path)
+    ensure_private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    return read_token_file(path)
+
+
+def is_loopback_host(host: str | None) -> bool:
+    return host in ("localhost", LOOPBACK, "::1")
+
+
+def keep_loopback_addresses() -> None:
+    """Let this process (and the processes it starts) reach a loopback Ray address as given.
+
+    Ray's driver rewrites 127.0.0.1 to the machine's address before connecting
+    (``services.canonicalize_bootstrap_address`` -> ``resolve_ip_for_localhost``), where a
+    loopback-only head does not listen. Ray reads the switch once, at import, into
+    ``ray_constants.ENABLE_RAY_CLUSTER``; ``services`` looks the constant up on each call, so
+    an already imported Ray is switched too. A process joins one cluster at most, so the
+    process-wide switch only affects connections to that (local) cluster.
+    """
+    os.environ.update(LOOPBACK_ONLY_ENV)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def port_open(host: str, port: int, timeout: float = 2.0) -> bool:
@@ -102,9 +247,10 @@ def port_open(host: str, port: int, timeout: float = 2.0) -> bool:
 class LocalRayCluster:
     """A Ray head started with ``ray start`` and tracked by a state file.
 
-    ``home`` holds the state and lock files (default ``$AIRFLOW_HOME/ray``).
+    ``home`` holds the state, lock, log and token files (default ``$AIRFLOW_HOME/ray``, 0700).
     Ray's own temp dir lives under ``/tmp`` with a short name, because Ray's
-    unix socket paths must stay under 108 characters.
+    unix socket paths must stay under 108 characters. Ray chmods its temp and
+    session dirs 0777, so it gets ``<temp_dir>/ray`` inside our 0700 ``temp_dir``.
     """
 
     def __init__(
@@ -116,8 +262,12 @@ class LocalRayCluster:
         resources: dict[str, float] | None = None,
         object_store_memory: int | None = None,
         include_dashboard: bool = False,
+        loopback_only: bool = True,
     ) -> None:
         self.home = Path(home) if home is not None else airflow_home() / "ray"
+        # False only for a head other Ray nodes must join (they cannot reach a loopback-only head, and
+        # Ray refuses `ray start --address` under LOOPBACK_ONLY_ENV): it then binds all interfaces.
+        self.loopback_only = loopback_only
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.resources = resources
@@ -138,13 +288,87 @@ class LocalRayCluster:
     def log_file(self) -> Path:
         return self.home / "local-cluster.log"
 
+    @property
+    def token_file(self) -> Path:
+        return self.home / TOKEN_FILE_NAME
+
+    @property
+    def ray_temp_dir(self) -> Path:
+        """What Ray gets as ``--temp-dir``.
+
+        Ray chmods it and its session, sockets and logs dirs 0777, not only at start but again in every
+        worker process it starts (``Node._init_temp`` -> ``try_make_directory_shared``), so tightening them
+        cannot last; the 0700 ``temp_dir`` around them keeps every other user out instead.
+        """
+        return self.temp_dir / "ray"
+
+    # -- auth ------------------------------------------------------------------
+    def _auth_policy(self) -> tuple[str, str | None, Path | None]:
+        """``(mode, token, token_file)`` for a head started now from this environment.
+
+        Token auth is the default. The user's RAY_AUTH_MODE=disabled still opts out; the user's own
+        RAY_AUTH_TOKEN (which Ray prefers over any token file) is used as it is.
+        """
+        if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+            return "disabled", None, None
+        token = load_or_create_token(self.token_file)
+        user_token = os.environ.get("RAY_AUTH_TOKEN")
+        # RayHook puts the file's token into RAY_AUTH_TOKEN once it connected: that is still the file.
+        if user_token and user_token != token:
+            return "token", user_token, None
+        return "token", token, self.token_file
+
+    def auth_token(self) -> str | None:
+        """The token a client of this head must present (``None`` when its auth is disabled).
+
+        Taken from the state file's record of how the running head was started; without a
+        (trusted) state, from the policy the next ``ensure_running`` would apply.
+        """
+        state = self._read_state_quiet()
+        if state is None or state.version != _STATE_VERSION:
+            return self._auth_policy()[1]
+        if state.auth_mode != "token":
+            return None
+        if state.token_file is None:
+            return os.environ.get("RAY_AUTH_TOKEN")  # the head runs with the user's own token
+        if Path(state.token_file) != self.token_file:
+            raise LocalClusterError(f"State file {self.state_file} names an unexpected token file {state.token_file}")
+        return read_token_file(self.token_file)
+
+    def _auth_env(self) -> tuple[dict[str, str], str, Path | None]:
+        """The head's auth environment, its mode, and its token file."""
+        mode, token, token_file = self._auth_policy()
+        if mode == "disabled":
+            log.warning(
+                "The embedded Ray head at %s starts WITHOUT token authentication because RAY_AUTH_MODE=disabled "
+                "is set: any local user who reaches its loopback ports can run code as this user", self.home,
+            )
+            return {"RAY_AUTH_MODE": "disabled"}, mode, None
+        if token_file is None:
+            return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": str(token)}, mode, None
+        # The path, not the value: the token then never sits in the environment of every Ray process.
+        env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+        return env, mode, token_file
+
     # -- state -----------------------------------------------------------------
+    def _read_state_quiet(self) -> LocalClusterState | None:
+        try:
+            return self.read_state()
+        except LocalClusterError:
+            return None
+
     def read_state(self) -> LocalClusterState | None:
         """The recorded head, validated; ``None`` when there is none."""
         try:
-            raw = json.loads(self.state_file.read_text())
+            _tighten_readable(self.state_file)
+            fd = _open_private(self.state_file, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise LocalClusterError(f"Unreadable state file {self.state_file}: {exc}") from exc
+        try:
+            with os.fdopen(fd) as f:
+                raw = json.loads(f.read())
         except (OSError, ValueError) as exc:
             raise LocalClusterError(f"Unreadable state file {self.state_file}: {exc}") from exc
         try:
@@ -157,20 +381,73 @@ class LocalRayCluster:
                 started_at=float(raw["started_at"]),
                 version=int(raw.get("version", 0)),
                 client_address=None if raw.get("client_address") is None else str(raw["client_address"]),
+                auth_mode=str(raw.get("auth_mode", "disabled")),
+                token_file=None if raw.get("token_file") is None else str(raw["token_file"]),
+                session_started_at=float(raw.get("session_started_at", 0.0)),
+                processes=tuple(ProcessMark(pid=int(p["pid"]), create_time=float(p["create_time"]),
+                                            name=str(p["name"])) for p in raw.get("processes", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise LocalClusterError(f"Malformed state file {self.state_file}: {exc!r}") from exc
-        if state.version != _STATE_VERSION or not 0 < state.gcs_port < 65536:
+        if (state.version not in {_STATE_VERSION, *_OLD_STATE_VERSIONS} or not 0 < state.gcs_port < 65536
+                or state.session_id <= 1 or state.auth_mode not in ("token", "disabled")):
             raise LocalClusterError(f"Malformed state file {self.state_file}: {raw!r}")
+        # Only a loopback address of our own GCS port: a state file must not steer clients elsewhere.
+        if state.address != f"{LOOPBACK}:{state.gcs_port}":
+            raise LocalClusterError(
+                f"Malformed state file {self.state_file}: address {state.address!r} is not {LOOPBACK}:{state.gcs_port}"
+            )
+        for name, url in (("client_address", state.client_address), ("dashboard_url", state.dashboard_url)):
+            if url is not None and not url.startswith((f"ray://{LOOPBACK}:", f"http://{LOOPBACK}:")):
+                raise LocalClusterError(f"Malformed state file {self.state_file}: {name} {url!r} is not on loopback")
         return state
 
     def _write_state(self, state: LocalClusterState) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(state), indent=2))
-        os.replace(tmp, self.state_file)
+        fd, tmp = tempfile.mkstemp(prefix=".local-cluster.", suffix=".json", dir=self.home)  # 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(asdict(state), indent=2))
+            os.replace(tmp, self.state_file)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def _verify(self, state: LocalClusterState) -> tuple[list[psutil.Process], str]:
+        """The head's live processes if ``state`` describes a head we started and that still runs.
+
+        Returns ``([], reason)`` otherwise. A pid, a session id and a port can all be reused after a
+        reboot or a crash, so a marked process (``gcs_server``/``raylet``) must still match its pid,
+        create time, name, session and command line (which names our Ray temp dir). While it lives,
+        the kernel cannot hand its session id to anyone else, so the session's members are the head's.
+        """
+        if state.version != _STATE_VERSION or not state.processes:
+            return [], f"state version {state.version} has no process marks to check"
+        if state.temp_dir != str(self.temp_dir):
+            return [], f"temp dir {state.temp_dir} is not this home's {self.temp_dir}"
+        reasons = []
+        for mark in state.processes:
+            try:
+                proc = psutil.Process(mark.pid)
+                create_time, name, cmdline = proc.create_time(), proc.name(), " ".join(proc.cmdline())
+                sid = os.getsid(mark.pid)
+            except (psutil.Error, ProcessLookupError, PermissionError) as exc:
+                reasons.append(f"{mark.name} pid {mark.pid}: {type(exc).__name__}")
+                continue
+            if abs(create_time - mark.create_time) > 0.05 or name != mark.name:
+                reasons.append(f"pid {mark.pid} is now {name!r} created at {create_time:.2f}, "
+                               f"not {mark.name!r} created at {mark.create_time:.2f}")
+            elif sid != state.session_id:
+                reasons.append(f"{name} pid {mark.pid} is in session {sid}, not {state.session_id}")
+            elif str(self.ray_temp_dir) not in cmdline:
+                reasons.append(f"{name} pid {mark.pid} does not run in {self.ray_temp_dir}")
+            else:
+                return [p for p in self._session_processes(state.session_id)
+                        if _created_since(p, state.session_started_at)], ""
+        return [], "; ".join(reasons)
 
     def is_alive(self, state: LocalClusterState) -> bool:
-        return bool(self._session_processes(state.session_id)) and port_open("127.0.0.1", state.gcs_port)
+        return bool(self._verify(state)[0]) and port_open(LOOPBACK, state.gcs_port)
 
     def status(self) -> LocalClusterState | None:
         """The running head, or ``None`` (a stale state file counts as none)."""
@@ -179,21 +456,41 @@ class LocalRayCluster:
             return None
         return state
 
+    def _discard_stale(self, state: LocalClusterState) -> None:
+        """Stop a recorded head that is provably ours; otherwise just forget it, signalling nothing."""
+        procs, reason = self._verify(state)
+        if procs:
+            self._kill(procs)  # ours, but not serving (e.g. the GCS died): clear it before a restart
+            return
+        log.warning("Discarding stale state file %s (session %d): %s; no process was signalled",
+                    self.state_file, state.session_id, reason)
+        with contextlib.suppress(FileNotFoundError):
+            self.state_file.unlink()
+
     # -- lifecycle -------------------------------------------------------------
+    def _lock(self) -> FileLock:
+        return FileLock(str(self.lock_file), timeout=START_TIMEOUT_S + 30, mode=0o600)
+
     def ensure_running(self) -> LocalClusterState:
         """Return the running head, starting it first if needed (safe across processes)."""
         state = self.status()
         if state is not None:
             return state
-        self.home.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.lock_file), timeout=START_TIMEOUT_S + 30):
+        ensure_private_dir(self.home)
+        with self._lock():
             state = self.status()  # another process may have started it while we waited
             if state is not None:
                 return state
             stale = self.read_state()
             if stale is not None:
-                self._kill_session(stale.session_id)
-            return self._start()
+                self._discard_stale(stale)
+            try:
+                return self._start()
+            except LocalClusterError as exc:
+                # `ray start` gives the raylet a fixed 30 s to register (node.py); on a loaded machine
+                # (2 cores, several test sessions) that alone fails a start now and then.
+                log.warning("Starting the embedded Ray head failed once (%s); trying again", exc)
+                return self._start()
 
     def _start(self) -> LocalClusterState:
         (gcs, client, agent_listen, agent_grpc, runtime_env_agent, metrics, dashboard, node_manager,
@@ -201,6 +498,7 @@ class LocalRayCluster:
         ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
         if ray_bin is None:
             raise LocalClusterError("The `ray` command was not found; install ray[default] in this environment")
+        ensure_private_dir(self.temp_dir)
         cmd = [
             ray_bin, "start", "--head",
             f"--port={gcs}",
@@ -213,9 +511,9 @@ class LocalRayCluster:
             f"--object-manager-port={object_manager}",
             f"--include-dashboard={'true' if self.include_dashboard else 'false'}",
             # Also without the dashboard UI: Ray still runs its dashboard process, told port 8265.
-            "--dashboard-host=127.0.0.1",
+            f"--dashboard-host={LOOPBACK}",
             f"--dashboard-port={dashboard}",
-            f"--temp-dir={self.temp_dir}",
+            f"--temp-dir={self.ray_temp_dir}",
             "--disable-usage-stats",
         ]
         if self.num_cpus is not None:
@@ -226,47 +524,72 @@ class LocalRayCluster:
             cmd.append(f"--resources={json.dumps(self.resources)}")
         if self.object_store_memory is not None:
             cmd.append(f"--object-store-memory={self.object_store_memory}")
-        env = {**ray_process_env(), **RAY_SYSTEM_ENV}
-        with open(self.log_file, "ab") as log:
+        auth_env, auth_mode, token_file = self._auth_env()
+        env = {k: v for k, v in ray_process_env().items() if not k.startswith("RAY_AUTH_")}
+        env.update(RAY_SYSTEM_ENV, **auth_env)
+        if self.loopback_only:
+            cmd.append(f"--node-ip-address={LOOPBACK}")  # kept loopback only by LOOPBACK_ONLY_ENV, see there
+            env.update(LOOPBACK_ONLY_ENV)
+        log_fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        os.fchmod(log_fd, 0o600)  # an older version created it 0644
+        with os.fdopen(log_fd, "ab") as log_out:
             # A new session detaches the head from the caller: killing the Airflow
             # task that happened to start it must not take the cluster down.
+            # umask 077: every file Ray creates (its logs, sockets) is the user's alone.
             proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,
+                cmd, stdout=log_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True, umask=0o077,
             )
+            try:
+                leader_created = psutil.Process(proc.pid).create_time()
+            except psutil.Error:
+                leader_created = time.time() - 1.0  # already exited: its members were all created later
             try:
                 rc = proc.wait(timeout=START_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                self._kill_session(proc.pid)
+                self._kill_session(proc.pid, not_before=leader_created)
                 raise LocalClusterError(
                     f"`ray start --head` did not finish within {START_TIMEOUT_S:.0f}s; see {self.log_file}"
                 ) from None
-        if rc != 0 or not port_open("127.0.0.1", gcs, timeout=5):
-            self._kill_session(proc.pid)
+        if rc != 0 or not port_open(LOOPBACK, gcs, timeout=5):
+            self._kill_session(proc.pid, not_before=leader_created)
             raise LocalClusterError(f"`ray start --head` failed (exit code {rc}); see {self.log_file}")
+        members = [p for p in self._session_processes(proc.pid) if _created_since(p, leader_created)]
+        marks = tuple(_mark(p) for p in members if _name(p) in _MARKED_PROCESSES)
+        if not marks:
+            self._kill(members)
+            raise LocalClusterError(f"`ray start --head` left no gcs_server or raylet running; see {self.log_file}")
         state = LocalClusterState(
-            address=f"127.0.0.1:{gcs}",
+            address=f"{LOOPBACK}:{gcs}",
             gcs_port=gcs,
             session_id=proc.pid,
             temp_dir=str(self.temp_dir),
-            dashboard_url=f"http://127.0.0.1:{dashboard}" if self.include_dashboard else None,
+            dashboard_url=f"http://{LOOPBACK}:{dashboard}" if self.include_dashboard else None,
             started_at=time.time(),
-            client_address=f"ray://127.0.0.1:{client}",
+            client_address=f"ray://{LOOPBACK}:{client}",
+            auth_mode=auth_mode,
+            token_file=None if token_file is None else str(token_file),
+            session_started_at=leader_created,
+            processes=marks,
         )
         self._write_state(state)
         return state
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Stop the recorded head (only its own processes, unlike ``ray stop``)."""
-        self.home.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.lock_file), timeout=START_TIMEOUT_S + 30):
+        """Stop the recorded head (only its own, verified processes, unlike ``ray stop``)."""
+        ensure_private_dir(self.home)
+        with self._lock():
             state = self.read_state()
             if state is None:
                 return False
-            stopped = self._kill_session(state.session_id, timeout=timeout)
+            procs, reason = self._verify(state)
+            if not procs:
+                log.warning("Discarding stale state file %s (session %d): %s; no process was signalled",
+                            self.state_file, state.session_id, reason)
+            stopped = bool(procs) and self._kill(procs, timeout=timeout)
             with contextlib.suppress(FileNotFoundError):
                 self.state_file.unlink()
-            if stopped:
+            if stopped and state.temp_dir == str(self.temp_dir):
                 shutil.rmtree(state.temp_dir, ignore_errors=True)
             return stopped
 
@@ -283,9 +606,17 @@ class LocalRayCluster:
                 continue
         return found
 
-    def _kill_session(self, session_id: int, timeout: float = 30.0) -> bool:
-        """SIGTERM, a short grace (``gcs_server`` ignores SIGTERM), then SIGKILL what is left."""
-        procs = self._session_processes(session_id)
+    def _kill_session(self, session_id: int, *, not_before: float, timeout: float = 30.0) -> bool:
+        """Stop a session this process just started (``not_before``: its leader's create time)."""
+        return self._kill([p for p in self._session_processes(session_id) if _created_since(p, not_before)],
+                          timeout=timeout)
+
+    @staticmethod
+    def _kill(procs: list[psutil.Process], timeout: float = 30.0) -> bool:
+        """SIGTERM, a short grace (``gcs_server`` ignores SIGTERM), then SIGKILL what is left.
+
+        psutil refuses to signal a ``Process`` whose pid was reused since it was looked up.
+        """
         for sig, wait in ((signal.SIGTERM, min(3.0, timeout)), (signal.SIGKILL, timeout)):
             for proc in procs:
                 with contextlib.suppress(psutil.Error):
@@ -294,3 +625,33 @@ class LocalRayCluster:
             if not procs:
                 break
         return not procs
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return proc.name()
+    except psutil.Error:
+        return ""
+
+
+def _created_since(proc: psutil.Process, since: float) -> bool:
+    """Whether ``proc`` was created at or after ``since`` (1 s slack: create times are rounded to clock ticks)."""
+    try:
+        return proc.create_time() >= since - 1.0
+    except psutil.Error:
+        return False
+
+
+def _mark(proc: psutil.Process) -> ProcessMark:
+    return ProcessMark(pid=proc.pid, create_time=proc.create_time(), name=proc.name())
+
+
+def listening_sockets(procs: list[psutil.Process]) -> list[tuple[str, int, str]]:
+    """``(ip, port, process name)`` for each TCP socket the processes listen on (to check the binding)."""
+    found = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr:
+                    found.append((conn.laddr.ip, conn.laddr.port, proc.name()))
+    return sorted(found)

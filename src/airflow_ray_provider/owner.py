@@ -40,6 +40,9 @@ LAUNCHER_NAME = "airflow-ray-keeper-launcher"
 KEEPER_START_TIMEOUT_S = 60.0
 _MAX_LOG_LINES = 50_000
 _WATCH_INTERVAL_S = 0.02
+# Ray keeps objects up to this size inline (max_direct_call_object_size, 100 KiB by default):
+# fetching one into the owner actor is cheap; anything larger may be gigabytes.
+_CHEAP_FETCH_BYTES = 100 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,10 @@ class _Run:
     size: int | None = None
     node_ids: list[str] = field(default_factory=list)
     in_store: bool = False  # held in the shared-memory store (or spilled), not inlined: a value, never an error
+    # Placement groups the try made (reported by worker.run_callable): Ray scopes them to the keeper's job,
+    # which never ends, so a try that does not finish must have them removed here. Per attempt of the run.
+    attempt: str | None = None
+    placement_groups: list[Any] = field(default_factory=list)
 
 
 class TaskOwner:
@@ -108,9 +115,17 @@ class TaskOwner:
 
     async def _settle(self, run: _Run) -> None:
         """Decide success or failure; only small (inlined) results are ever fetched here."""
-        _locate_now([run])
-        if run.in_store and run.state != "cancelled" and "returned_type" in run.events:
+        located = _locate_now([run])
+        returned = run.state != "cancelled" and "returned_type" in run.events
+        if returned and (run.in_store or (not located and not _cheap_to_fetch(run))):
             state = "finished"  # errors are small objects; a large stored result is a value
+            if not located:
+                # Without locations a large value and an error look alike; pulling a result of unknown
+                # size into this actor could take all its memory, so trust the worker's "it returned".
+                log.error("Ray run %s: could not locate its result (size estimate %s); counting it as finished "
+                          "without fetching it into the owner actor. An error hidden in it (a return value Ray "
+                          "could not store) will surface when the result is read",
+                          run.key, (run.events.get("described") or {}).get("size_estimate"))
         else:
             try:
                 await run.ref
@@ -122,6 +137,11 @@ class TaskOwner:
                 run.error = str(exc)
         if run.state == "cancelled":
             state = "cancelled"
+        if state != "finished":  # failed, cancelled, reaped or its worker died: nothing will use them now
+            try:
+                self._release_made(run, f"the try ended {state}")
+            except Exception:  # the run must still settle, or its Airflow task would wait forever
+                log.exception("Ray run %s: releasing what its try made failed", run.key)
         run.state = state
         run.finished_at = time.time()
         run.done.set()
@@ -218,13 +238,14 @@ class TaskOwner:
         self._runs.pop(key, None)  # releases the whole object and its logs
         return [self._describe(item) for item in items]
 
-    async def _locate(self, runs: list[_Run]) -> None:
+    async def _locate(self, runs: list[_Run]) -> bool:
+        """Wait (without fetching) until every run's object exists, then locate them; False if Ray could not say."""
         pending = [r.ref for r in runs]
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0, fetch_local=False)
             if pending:
                 await asyncio.sleep(_WATCH_INTERVAL_S)
-        _locate_now(runs)
+        return _locate_now(runs)
 
     async def adopt(self, key: str, payload: list[ray.ObjectRef], described: dict[str, Any]) -> dict[str, Any]:
         """Take ownership of a value ``ray.put`` by a short-lived process (a plain task's large XCom)."""
@@ -232,10 +253,13 @@ class TaskOwner:
             raise KeyError(f"Ray object key {key!r} is already in use")
         ref = worker.adopt.options(name=f"adopt:{key}").remote(payload)
         run = _Run(key=key, ref=ref, lease_s=0.0, state="finished", events={"described": described})
-        await self._locate([run])
+        located = await self._locate([run])
         try:
-            if not run.in_store:
+            if not run.in_store and (located or _cheap_to_fetch(run)):
                 await ref  # small or failed: fetching is cheap and surfaces the error
+            elif not located:
+                log.error("Adopting %s: could not locate the copied value (size estimate %s); not fetching "
+                          "it into the owner actor to check it", key, described.get("size_estimate"))
         except Exception as exc:
             raise RuntimeError(f"could not copy the value for {key!r} into the object store: {exc}") from exc
         run.finished_at = time.time()
@@ -264,8 +288,47 @@ class TaskOwner:
         # Returns once Ray reports the task ended, so callers know nothing still runs.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(run.done.wait(), 10.0)
+        # Normally _settle has released them; if Ray has not reported the end yet, the try is being killed anyway.
+        self._release_made(run, "the try was cancelled")
         run.changed.set()
         return True
+
+    async def note_created(self, key: str, attempt: str, placement_groups: list[Any]) -> None:
+        """Called by the worker running ``key``: this attempt made ``placement_groups``.
+
+        A new ``attempt`` means Ray retried the task after its worker died: what the dead attempt made
+        is released now, or on a small cluster the retry waits forever for the CPUs it holds.
+        """
+        run = self._runs.get(key)
+        if run is None:
+            return  # released, or this owner restarted: without the run it cannot tell whose they are
+        if run.attempt is not None and run.attempt != attempt:
+            self._release_made(run, "Ray retried the task after its worker died")
+        run.attempt = attempt
+        run.placement_groups.extend(placement_groups)
+        if run.done.is_set() and run.state != "finished":
+            self._release_made(run, "the try had already ended")  # arrived after _settle
+
+    def _release_made(self, run: _Run, why: str) -> None:
+        """Remove the placement groups ``run``'s try made, saying so in the run's log (the Airflow task log).
+
+        Only ids the try itself reported are touched: other runs share this owner and the keeper's job.
+        """
+        made, run.placement_groups = run.placement_groups, []
+        released = []
+        for pg in made:
+            try:
+                if ray.util.placement_group_table(pg).get("state") == "REMOVED":
+                    continue  # the callable removed it itself
+                ray.util.remove_placement_group(pg)
+                released.append(f"{pg.id.hex()} {pg.bundle_cache or ''}".rstrip())
+            except Exception:  # one failure must not keep the others' CPUs held
+                log.exception("Ray run %s: could not remove placement group %s", run.key, pg.id.hex())
+        if released:
+            line = f"Released {len(released)} placement group(s) this try made ({why}): {'; '.join(released)}"
+            log.warning("Ray run %s: %s", run.key, line)
+            run.logs.append(line)
+            run.changed.set()
 
     async def release(self, keys: list[str]) -> int:
         """Drop the refs for ``keys`` so Ray can free the objects."""
@@ -288,7 +351,8 @@ class OwnerFactory:
 
     def ensure(self, namespace: str, shard: int) -> str:
         handle = _create_owner(namespace, shard)
-        return ray.get(handle.ping.remote())
+        # Bounded like the Airflow side's wait for this call (get_owner), so a stuck owner frees this thread.
+        return ray.get(handle.ping.remote(), timeout=KEEPER_START_TIMEOUT_S)
 
     def ping(self) -> int:
         return os.getpid()
@@ -299,7 +363,15 @@ class KeeperLauncher:
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log_path = os.path.join(tempfile.gettempdir(), f"airflow-ray-keeper-{os.getpid()}.log")
+        # Never a predictable, world-readable name in /tmp: the log goes into this Ray session's logs dir
+        # (inside the embedded head's 0700 temp dir), created 0600 with O_EXCL under a random name.
+        try:
+            logs_dir = ray._private.worker.global_worker.node.get_logs_dir_path()
+        except AttributeError:  # not in a Ray worker (never expected): a fresh 0700 dir of our own
+            logs_dir = tempfile.mkdtemp(prefix="airflow-ray-keeper-")
+        fd, self._log_path = tempfile.mkstemp(prefix=f"airflow-ray-keeper-{os.getpid()}-", suffix=".log",
+                                              dir=logs_dir)
+        os.close(fd)
 
     def ensure(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -307,7 +379,8 @@ class KeeperLauncher:
             return "running"
         if self._proc is None or self._proc.poll() is not None:
             env = {k: v for k, v in os.environ.items() if k not in ("RAY_JOB_ID", "RAY_ADDRESS")}
-            with open(self._log_path, "ab") as out:
+            # O_NOFOLLOW: Ray's logs dir may be 0777 (Ray's default temp dir); never follow a planted link.
+            with os.fdopen(os.open(self._log_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW), "ab") as out:
                 self._proc = subprocess.Popen(
                     [sys.executable, "-m", "airflow_ray_provider.keeper", ray.get_runtime_context().gcs_address],
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -323,20 +396,43 @@ class KeeperLauncher:
         raise TimeoutError(f"the keeper did not start within {timeout:.0f}s; see {self._log_path}")
 
 
-def _locate_now(runs: list[_Run]) -> None:
+def _locate_now(runs: list[_Run]) -> bool:
     """Record size, nodes and whether each finished object sits in the store, without fetching it.
 
-    If Ray cannot say, ``in_store`` stays False and callers fetch, which is right for small objects.
+    Returns False when Ray could not say for some run: ``in_store`` then stays False, and callers
+    must not fetch unless the object is known to be small (:func:`_cheap_to_fetch`).
     """
+    refs = [r.ref for r in runs]
+    keys = ", ".join(r.key for r in runs)
     try:
-        infos = ray.experimental.get_object_locations([r.ref for r in runs])
-    except Exception:  # noqa: BLE001 - see the docstring
-        return
+        infos = ray.experimental.get_object_locations(refs)
+    except Exception as exc:  # noqa: BLE001 - logged; the local lookup below is the fallback
+        log.warning("get_object_locations failed for Ray run(s) %s (%r); asking this actor's own core worker",
+                    keys, exc)
+        try:
+            # This actor submitted the tasks, so it owns the objects: its core worker knows their
+            # size and nodes without any RPC.
+            infos = ray.experimental.get_local_object_locations(refs)
+        except Exception:
+            log.exception("Could not locate the objects of Ray run(s) %s either locally", keys)
+            return False
+    located = True
     for run in runs:
-        info = infos.get(run.ref) or {}
+        info = infos.get(run.ref)
+        if not info:  # Ray leaves out objects whose lookup failed
+            log.warning("Ray returned no location for the object of Ray run %s", run.key)
+            located = False
+            continue
         run.size = info.get("object_size") or run.size
         run.node_ids = list(info.get("node_ids") or [])
         run.in_store = bool(run.size) and bool(run.node_ids or info.get("did_spill"))
+    return located
+
+
+def _cheap_to_fetch(run: _Run) -> bool:
+    """Whether the Ray worker's own size estimate says the object is small enough to fetch here."""
+    estimate = (run.events.get("described") or {}).get("size_estimate")
+    return isinstance(estimate, int) and estimate <= _CHEAP_FETCH_BYTES
 
 
 # The keeper and the owner actors live on the head node. Worker nodes come and go (autoscaling, spot
@@ -360,7 +456,11 @@ def _keeper_factory() -> Any:
         name=LAUNCHER_NAME, namespace=SYSTEM_NAMESPACE, lifetime="detached", get_if_exists=True,
         num_cpus=0, resources=ON_HEAD_NODE, max_restarts=-1,
     ).remote()
-    ray.get(launcher.ensure.remote(KEEPER_START_TIMEOUT_S), timeout=KEEPER_START_TIMEOUT_S + 30)
+    from airflow_ray_provider.submission import bounded_get  # not at import: this module also runs in the cluster
+
+    bounded_get(launcher.ensure.remote(KEEPER_START_TIMEOUT_S), timeout=KEEPER_START_TIMEOUT_S + 30,
+                what=f"the keeper launcher actor {LAUNCHER_NAME!r} (namespace {SYSTEM_NAMESPACE!r}) "
+                     f"starting the keeper")
     factory = _factory_or_none()
     if factory is None:
         raise RuntimeError("the keeper reported ready but its factory actor is gone")
@@ -373,6 +473,11 @@ def shard_for(key: str, shards: int) -> int:
 
 def owner_name(shard: int) -> str:
     return f"{OWNER_NAME_PREFIX}-{shard}"
+
+
+def owner_label(namespace: str, shard: int) -> str:
+    """How errors and logs name an owner actor: its Ray actor name and namespace."""
+    return f"owner actor {owner_name(shard)!r} (namespace {namespace!r})"
 
 
 def _create_owner(namespace: str, shard: int) -> Any:
@@ -394,12 +499,15 @@ def get_owner(namespace: str, shard: int) -> Any:
     Without a keeper (it could not start) the caller creates the owner itself: results
     still outlive the caller, but Ray no longer keeps warm workers between tasks.
     """
-    with contextlib.suppress(ValueError):
+    from airflow_ray_provider.submission import bounded_get  # not at import: this module also runs in the cluster
+
+    with contextlib.suppress(ValueError):  # not created yet: the usual first call
         return ray.get_actor(owner_name(shard), namespace=namespace)
     try:
-        ray.get(_keeper_factory().ensure.remote(namespace, shard), timeout=KEEPER_START_TIMEOUT_S)
+        bounded_get(_keeper_factory().ensure.remote(namespace, shard), timeout=KEEPER_START_TIMEOUT_S,
+                    what=f"the keeper's factory actor {FACTORY_NAME!r} creating {owner_label(namespace, shard)}")
         return ray.get_actor(owner_name(shard), namespace=namespace)
     except Exception as exc:  # noqa: BLE001 - degrade to a slower but correct owner
-        log.warning("Ray owner keeper unavailable (%s); creating owner %s from this process, so Ray "
-                    "workers will not be reused between tasks", exc, owner_name(shard))
+        log.warning("Ray owner keeper unavailable (%s); creating %s from this process, so Ray "
+                    "workers will not be reused between tasks", exc, owner_label(namespace, shard))
         return _create_owner(namespace, shard)

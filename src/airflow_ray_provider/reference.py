@@ -1,9 +1,15 @@
 """What the metadata DB holds for a result that lives in Ray: a small, validated JSON reference.
 
-A reference names the object (owner namespace, owner shard, key), says what it is
-(type, size, summary, nodes) for the UI, and records where it came from (dag, task,
-run, map index) for error messages. Never the data, never a pickle. Everything read
-back from the DB goes through :func:`parse_reference` before it is used.
+A reference says what the object is (summary, type, size, nodes, checkpoint) for the
+UI, names it (owner namespace, owner shard, key), and records where it came from (dag,
+task, run, map index, XCom key). Never the data, never a pickle.
+
+Anyone who may edit XCom rows (the REST API, a task returning a crafted dict) can write
+what looks like a reference, and a reference decides which object is fetched and which
+checkpoint is restored and unpickled. So every reference is signed (HMAC, the
+deployment's ``[ray] secret_key``) over all of its fields when the backend writes it,
+and :func:`parse_reference` refuses any row whose signature does not verify before it
+looks at anything else. A plain string is never parsed as a reference.
 """
 
 from __future__ import annotations
@@ -12,15 +18,19 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from airflow_ray_provider.signing import REFERENCE, sign, verify
+
 MARKER = "__airflow_ray__"
-VERSION = 1
+VERSION = 2  # 1 was unsigned; such rows are refused
+SIGNATURE = "signature"
 MAX_ITEMS = 100_000
 
 _KEY = re.compile(r"[^\x00]{1,1024}")
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,250}")
 _NODE = re.compile(r"[0-9a-f]{1,128}")
 _TOP_FIELDS = {MARKER, "version", "conn_id", "namespace", "owner", "origin", "kind", "key", "type", "size",
-               "summary", "nodes", "checkpoint", "items"}
+               "summary", "nodes", "checkpoint", "items", SIGNATURE}
+_ORIGIN_FIELDS = {"dag_id", "task_id", "run_id", "map_index", "xcom_key"}
 _ITEM_FIELDS = {"key", "type", "size", "summary", "nodes", "checkpoint"}
 
 
@@ -40,6 +50,7 @@ class Origin:
     task_id: str = ""
     run_id: str = ""
     map_index: int = -1
+    xcom_key: str = "return_value"
 
     def label(self, item: str | None = None) -> str:
         text = f"dag {self.dag_id!r}, task {self.task_id!r}, run {self.run_id!r}, map index {self.map_index}"
@@ -83,11 +94,12 @@ class RayObject:
     __str__ = __repr__
 
     def item_json(self) -> dict[str, Any]:
-        return {"key": self.key, "type": self.type, "size": self.size, "summary": self.summary,
-                "nodes": list(self.nodes), "checkpoint": self.checkpoint}
+        # What a person reading the XCom tab wants comes first; the machine fields follow.
+        return {"summary": self.summary, "type": self.type, "size": self.size, "nodes": list(self.nodes),
+                "checkpoint": self.checkpoint, "key": self.key}
 
     def to_json(self) -> dict[str, Any]:
-        return {**_head(self.location, self.origin, "object"), **self.item_json()}
+        return {**self.item_json(), **_head(self.location, self.origin, "object")}
 
     def with_origin(self, origin: Origin) -> RayObject:
         return replace(self, origin=origin)
@@ -102,8 +114,8 @@ class RayObjectList(list):  # list, so Airflow can map over it and index it with
         self.location, self.origin, self.kind, self.type, self.summary = location, origin, kind, type, summary
 
     def to_json(self) -> dict[str, Any]:
-        return {**_head(self.location, self.origin, self.kind), "type": self.type, "summary": self.summary,
-                "size": _total(self), "items": [i.item_json() for i in self]}
+        return {"summary": self.summary, "type": self.type, "size": _total(self),
+                **_head(self.location, self.origin, self.kind), "items": [i.item_json() for i in self]}
 
     def __repr__(self) -> str:
         return f"<Ray objects of {self.origin.task_id}: {self.summary or self.type}, {len(self)} items>"
@@ -118,8 +130,8 @@ class RayObjectDict(dict):  # dict, so multiple_outputs and mapping over a dict 
         self.location, self.origin, self.kind, self.type, self.summary = location, origin, "dict", type, summary
 
     def to_json(self) -> dict[str, Any]:
-        return {**_head(self.location, self.origin, "dict"), "type": self.type, "summary": self.summary,
-                "size": _total(self.values()), "items": {k: v.item_json() for k, v in self.items()}}
+        return {"summary": self.summary, "type": self.type, "size": _total(self.values()),
+                **_head(self.location, self.origin, "dict"), "items": {k: v.item_json() for k, v in self.items()}}
 
     def __repr__(self) -> str:
         return f"<Ray objects of {self.origin.task_id}: {self.summary or self.type}, keys {list(self)}>"
@@ -152,7 +164,23 @@ def with_origin(ref: AnyReference, origin: Origin) -> AnyReference:
 def _head(location: Location, origin: Origin, kind: str) -> dict[str, Any]:
     return {MARKER: kind, "version": VERSION, "conn_id": location.conn_id, "namespace": location.namespace,
             "owner": location.owner, "origin": {"dag_id": origin.dag_id, "task_id": origin.task_id,
-                                                "run_id": origin.run_id, "map_index": origin.map_index}}
+                                                "run_id": origin.run_id, "map_index": origin.map_index,
+                                                "xcom_key": origin.xcom_key}}
+
+
+def signed_json(ref: AnyReference, secret: bytes | None = None) -> dict[str, Any]:
+    """The row the backend stores: the reference's JSON and its signature over every field."""
+    body = ref.to_json()
+    body[SIGNATURE] = sign(_secret(secret), REFERENCE, body)
+    return body
+
+
+def _secret(secret: bytes | None) -> bytes:
+    if secret is not None:
+        return secret
+    from airflow_ray_provider.config import secret_key
+
+    return secret_key()
 
 
 def _total(items: Any) -> int | None:
@@ -170,19 +198,39 @@ def _human(size: int) -> str:
 
 
 # -- parsing (everything from the DB passes here) -----------------------------------------------
-def parse_reference(raw: Any) -> AnyReference:
-    """Validate a stored reference and build it; raise :class:`RayXComReferenceError` naming the problem."""
+def parse_reference(raw: Any, secret: bytes | None = None) -> AnyReference:
+    """Validate a stored reference, verify its signature, and build it.
+
+    Raises :class:`RayXComReferenceError` naming the problem; nothing is fetched or
+    unpickled for a row that fails. ``secret`` defaults to the deployment's. The shape is
+    checked first (so a malformed row says what is malformed), the signature last, before
+    anything is returned.
+    """
     if not isinstance(raw, dict):
         raise RayXComReferenceError(f"Ray XCom reference must be a JSON object, got {type(raw).__name__}")
     where = _where(raw)
+    ref = _build(raw, where)
+    unsigned = {k: v for k, v in raw.items() if k != SIGNATURE}
+    if not verify(_secret(secret), REFERENCE, unsigned, raw.get(SIGNATURE)):
+        raise RayXComReferenceError(
+            f"Ray XCom reference {where} is not signed with this deployment's [ray] secret_key: it was edited or "
+            f"forged (REST API, a task returning a look-alike dict), copied from another deployment, or this "
+            f"component has a different secret_key than the one that ran the task. Nothing was fetched.")
+    return ref
+
+
+def _build(raw: dict[str, Any], where: str) -> AnyReference:
     unknown = set(raw) - _TOP_FIELDS
     if unknown:
-        raise RayXComReferenceError(f"Ray XCom reference {where} has unknown fields {sorted(unknown)}")
+        raise RayXComReferenceError(f"Ray XCom reference {where} has unknown fields {sorted(unknown)[:20]}")
     kind = raw.get(MARKER)
     if kind not in ("object", "list", "tuple", "dict"):
-        raise RayXComReferenceError(f"Ray XCom reference {where}: kind {kind!r} is not object/list/tuple/dict")
+        raise RayXComReferenceError(f"Ray XCom reference {where}: kind {str(kind)[:50]!r} is not "
+                                    f"object/list/tuple/dict")
     if raw.get("version") != VERSION:
-        raise RayXComReferenceError(f"Ray XCom reference {where}: unsupported version {raw.get('version')!r}")
+        raise RayXComReferenceError(
+            f"Ray XCom reference {where}: unsupported version {str(raw.get('version'))[:20]} (this provider "
+            f"reads signed version {VERSION} references; clear and rerun the task that wrote it)")
     location = Location(
         conn_id=_match(raw, "conn_id", _NAME, where),
         namespace=_match(raw, "namespace", _NAME, where),
@@ -249,21 +297,23 @@ def _checkpoint(raw: Any, where: str) -> dict[str, Any] | None:
 
 
 def _where(raw: dict[str, Any]) -> str:
+    """The row's claimed origin, for messages (unverified: shown as data, cut short)."""
     origin = raw.get("origin")
     if isinstance(origin, dict):
-        return "(" + ", ".join(f"{k}={str(origin.get(k))[:250]!r}" for k in ("dag_id", "task_id", "run_id",
-                                                                              "map_index")) + ")"
+        return "(claims " + ", ".join(f"{k}={str(origin.get(k))[:250]!r}" for k in ("dag_id", "task_id", "run_id",
+                                                                                     "map_index")) + ")"
     return "(no origin)"
 
 
 def _origin(raw: Any, where: str) -> Origin:
-    if not isinstance(raw, dict) or set(raw) != {"dag_id", "task_id", "run_id", "map_index"}:
+    if not isinstance(raw, dict) or set(raw) != _ORIGIN_FIELDS:
         raise RayXComReferenceError(f"Ray XCom reference {where}: 'origin' must hold dag_id, task_id, run_id, "
-                                    f"map_index")
-    for name in ("dag_id", "task_id", "run_id"):
+                                    f"map_index, xcom_key")
+    for name in ("dag_id", "task_id", "run_id", "xcom_key"):
         if not isinstance(raw[name], str) or len(raw[name]) > 1000:
             raise RayXComReferenceError(f"Ray XCom reference {where}: origin {name} must be a string")
-    return Origin(raw["dag_id"], raw["task_id"], raw["run_id"], _int(raw, "map_index", where, -1, 10**9))
+    return Origin(raw["dag_id"], raw["task_id"], raw["run_id"], _int(raw, "map_index", where, -1, 10**9),
+                  raw["xcom_key"])
 
 
 def _match(raw: dict[str, Any], name: str, pattern: re.Pattern[str], where: str) -> str:

@@ -36,9 +36,11 @@ def load_result(dag_id: str, task_id: str, run_id: str | None = None, map_index:
             XComModel.key == key, XComModel.map_index == map_index)).scalar_one_or_none()
     if raw is not None:
         if is_reference(raw):
-            from airflow_ray_provider.xcom import fetch
+            from airflow_ray_provider.xcom import Read, check_origin, fetch
 
-            return fetch(parse_reference(raw))
+            ref = parse_reference(raw)
+            check_origin(ref, Read(dag_id, task_id, run_id, map_index, key))
+            return fetch(ref)
         return BaseXCom.deserialize_value(type("Row", (), {"value": raw})())
     return _from_checkpoint(dag_id, task_id, run_id, map_index, key, ray_conn_id)
 

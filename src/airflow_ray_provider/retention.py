@@ -81,10 +81,9 @@ def collect_garbage(*, conn_id: str = "ray_default", retention_s: float | None =
 
     ``grace_s`` protects results whose XCom row is not written yet (a task that just finished).
     """
-    import ray
-
+    from airflow_ray_provider import submission
     from airflow_ray_provider.hooks import RayHook
-    from airflow_ray_provider.owner import get_owner
+    from airflow_ray_provider.owner import get_owner, owner_label
 
     if retention_s is None:
         retention_s = retention_seconds()
@@ -102,7 +101,9 @@ def collect_garbage(*, conn_id: str = "ray_default", retention_s: float | None =
     report = GcReport(referenced=len(live), expired=len(expired), malformed_rows=malformed)
     for shard in range(settings.owner_shards):
         owner = get_owner(settings.namespace, shard)
-        inventory: dict[str, dict[str, Any]] = ray.get(owner.inventory.remote())
+        where = owner_label(settings.namespace, shard)
+        inventory: dict[str, dict[str, Any]] = submission.bounded_get(
+            owner.inventory.remote(), timeout=submission.OWNER_CALL_TIMEOUT_S, what=f"{where}: inventory for gc")
         report.held += len(inventory)
         doomed = []
         for key, info in inventory.items():
@@ -112,6 +113,8 @@ def collect_garbage(*, conn_id: str = "ray_default", retention_s: float | None =
             if key in expired or now - finished_at >= grace_s:
                 doomed.append(key)
         if doomed and not dry_run:
-            ray.get(owner.release.remote(doomed), timeout=120)
+            # Two owner-call bounds: dropping thousands of refs makes Ray free their objects as it goes.
+            submission.bounded_get(owner.release.remote(doomed), timeout=2 * submission.OWNER_CALL_TIMEOUT_S,
+                                   what=f"{where}: release of {len(doomed)} key(s) (first {doomed[0]!r}) for gc")
         report.released.extend(doomed)
     return report

@@ -28,7 +28,8 @@ class RayAddress:
         if self.kind in (LOCAL, AUTO):
             return self.kind
         prefix = "ray://" if self.kind == "client" else ""
-        return f"{prefix}{self.host}:{self.port}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host  # IPv6: parse_address's form
+        return f"{prefix}{host}:{self.port}"
 
 
 def parse_address(raw: str) -> RayAddress:
@@ -95,6 +96,8 @@ class RaySettings:
     checkpoint_path: str | None = None
     checkpoint_conn_id: str | None = None
     checkpoint_storage_options: dict[str, Any] = field(default_factory=dict)
+    # Which connection field the address came from, so the UI's Test button can say which one won.
+    address_source: str = "default"
 
     @classmethod
     def from_fields(
@@ -106,9 +109,7 @@ class RaySettings:
         extra: dict[str, Any] | str | None = None,
     ) -> RaySettings:
         extra_d = _as_dict(extra, "extra")
-        raw_address = extra_d.get("address")
-        if raw_address in (None, "") and host:
-            raw_address = host if port is None or host in (LOCAL, AUTO) else f"{host}:{port}"
+        address, source = _resolve_address(extra_d.get("address"), host, port)
         namespace = str(extra_d.get("namespace") or "airflow")
         if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,128}", namespace):
             raise RayConnectionError(f"Ray connection field 'namespace' has odd characters: {namespace!r}")
@@ -121,7 +122,8 @@ class RaySettings:
             if value is not None and not isinstance(value, str):
                 raise RayConnectionError(f"Ray connection field {name!r} must be a string, got {value!r}")
         return cls(
-            address=parse_address(str(raw_address or LOCAL)),
+            address=address,
+            address_source=source,
             namespace=namespace,
             runtime_env=_as_dict(extra_d.get("runtime_env"), "runtime_env"),
             auth_token=password or None,
@@ -133,6 +135,67 @@ class RaySettings:
                                                 "checkpoint_storage_options"),
             **checkpoint,
         )
+
+
+def _host_port_address(host: str | None, port: int | str | None) -> RayAddress | None:
+    """The address the connection's Host/Port fields give, or None when both are empty."""
+    text = (host or "").strip()
+    # Port 0 is "no port": Airflow 3.3's connections list posts Number(null) == 0 for a connection
+    # without one, and no Ray service listens on port 0.
+    if port in (None, "", 0, "0"):
+        port = None
+    else:
+        try:
+            port = int(port)
+        except (TypeError, ValueError):
+            raise RayConnectionError(f"Ray connection field 'port' must be a number, got {port!r}") from None
+    if not text:
+        if port is None:
+            return None
+        raise RayConnectionError(
+            f"Ray connection field 'port' is {port} but 'host' is empty: set Host too, or clear Port"
+        )
+    if port is None:
+        try:
+            return parse_address(text)  # Host alone may be local, auto, host:port or ray://host:port
+        except RayConnectionError as exc:
+            raise RayConnectionError(f"Ray connection field 'host' {host!r} with no 'port': {exc}") from None
+    if text in (LOCAL, AUTO):
+        raise RayConnectionError(f"Ray connection field 'host' is {text!r}, which takes no port, but 'port' is {port}")
+    if ":" in text and not text.startswith("[") and "://" not in text and text.count(":") > 1:
+        text = f"[{text}]"  # a bare IPv6 literal
+    try:
+        return parse_address(f"{text}:{port}")
+    except RayConnectionError as exc:
+        raise RayConnectionError(f"Ray connection fields 'host' {host!r} and 'port' {port}: {exc}") from None
+
+
+def _same_address(a: RayAddress, b: RayAddress) -> bool:
+    return (a.kind, (a.host or "").lower(), a.port) == (b.kind, (b.host or "").lower(), b.port)
+
+
+def _resolve_address(raw: Any, host: str | None, port: int | str | None) -> tuple[RayAddress, str]:
+    """One address from the ``address`` extra and Host/Port; raise when both are set and disagree.
+
+    Neither silently wins: the connection form used to pre-fill ``address=local``, and Host/Port typed
+    next to it were ignored, so tasks ran on the embedded head instead of the cluster the user named.
+    """
+    if raw is not None and not isinstance(raw, str):
+        raise RayConnectionError(f"Ray connection field 'address' must be a string, got {raw!r}")
+    extra_text = (raw or "").strip()
+    from_fields = _host_port_address(host, port)
+    if not extra_text:
+        if from_fields is None:
+            return RayAddress(LOCAL), "default"
+        return from_fields, "host/port"
+    from_extra = parse_address(extra_text)
+    if from_fields is None or _same_address(from_extra, from_fields):
+        return from_extra, "address"
+    shown = f"{(host or '').strip()}:{port}" if port not in (None, "", 0, "0") else (host or "").strip()
+    raise RayConnectionError(
+        f"Ray connection sets two different addresses: the 'address' extra is {extra_text!r} but "
+        f"'host'/'port' give {shown!r}. Clear one of them (an empty 'address' uses Host/Port)."
+    )
 
 
 def merge_runtime_env(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:

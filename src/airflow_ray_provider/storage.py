@@ -54,7 +54,11 @@ def make_store(root: str, conn_id: str | None, extra_options: dict[str, Any] | N
     if root.startswith("file://"):
         root = root[len("file://"):]
     Store(root)  # validates the root before any connection is read
-    return Store(root, {**storage_options(conn_id, _protocol(root)), **(extra_options or {})})
+    from airflow_ray_provider.config import secret_key
+
+    # The secret travels to the Ray worker inside the Store: the cluster is trusted, and the
+    # worker signs the manifests it writes and verifies the ones it reuses.
+    return Store(root, {**storage_options(conn_id, _protocol(root)), **(extra_options or {})}, secret=secret_key())
 
 
 def _protocol(root: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -20,6 +21,23 @@ if TYPE_CHECKING:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _POLL_S = 1.0  # short, so Airflow's timeout signal and on_kill are handled promptly
 
+log = logging.getLogger(__name__)
+
+# Bounds on every wait of the Airflow process (read at call time, so tests and operators can lower them).
+# The owner actor answers submit/get/describe/inventory/release from memory in milliseconds; a minute
+# also covers it being restarted by Ray (max_restarts=-1) on a loaded head. Past that it is wedged.
+OWNER_CALL_TIMEOUT_S = 60.0
+# split runs a Ray task that unpickles the whole result and stores each item: minutes for GBs.
+SPLIT_TIMEOUT_S = 600.0
+# Pulling a result's bytes into this process (only without the Ray XCom backend, so the value goes
+# into the metadata DB and cannot be huge; also the small remote exception of a failed task).
+FETCH_TIMEOUT_S = 900.0
+# cancel waits up to 10 s inside the owner for the Ray task to end (TaskOwner.cancel), plus the round trip.
+CANCEL_TIMEOUT_S = 20.0
+# A poll waits up to _POLL_S inside the owner. Polls are bounded by the run's lease (see
+# RayTaskRun.poll_timeout), but never tighter than this margin above the server-side wait.
+_MIN_POLL_MARGIN_S = 4.0
+
 
 class RayTaskFailed(Exception):
     """The callable raised inside Ray; the message carries the remote traceback."""
@@ -33,6 +51,37 @@ class RayObjectLost(Exception):
     """The owner actor no longer knows the key (released, or the actor or cluster restarted)."""
 
 
+class RayWaitTimeout(ray.exceptions.GetTimeoutError):
+    """A bounded wait on Ray gave up; the message names what was waited for, where, and for how long.
+
+    A ``GetTimeoutError`` (so a ``TimeoutError`` too), so code that caught Ray's own timeout still does.
+    """
+
+
+def cluster_address() -> str:
+    """The GCS address this process is connected to, for error messages."""
+    try:
+        return ray.get_runtime_context().gcs_address or "an unknown address"
+    except Exception as exc:  # noqa: BLE001 - only ever decorates another error message
+        log.debug("Could not read this process's Ray cluster address: %s", exc)
+        return "an unknown address"
+
+
+def bounded_get(ref: Any, *, timeout: float, what: str) -> Any:
+    """``ray.get(ref)`` that gives up after ``timeout`` seconds with a :class:`RayWaitTimeout`.
+
+    ``what`` names what the caller waited for, e.g. ``owner_mod.owner_label(namespace, shard)
+    + ": poll of key 'dag/run/task/-1/1/ab12cd34'"``; the message adds the timeout and the cluster.
+    Errors raised by the remote side (``RayTaskError``, ``RayActorError``...) pass through unchanged.
+    """
+    try:
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise RayWaitTimeout(
+            f"No answer from {what} within {timeout:g}s (Ray cluster at {cluster_address()})"
+        ) from exc
+
+
 class RayTaskRun:
     """One submitted Ray task, followed from an Airflow task process."""
 
@@ -43,10 +92,32 @@ class RayTaskRun:
         self.lease_s = lease_s
         self.log = log
         self.shard = owner_mod.shard_for(key, shards) if shard is None else shard
+        self.owner_label = owner_mod.owner_label(namespace, self.shard)
         self.owner = owner_mod.get_owner(namespace, self.shard)
         self.events: dict[str, Any] = {}
         self.submitted = False
         self.finished = False
+        self.owner_unresponsive = False  # a bounded wait on the owner timed out: do not wait on it again
+
+    @property
+    def poll_timeout(self) -> float:
+        """How long one poll may take before the owner counts as wedged: the run's lease.
+
+        The owner cancels a run nobody polled for ``lease_s``. A poll that is still unanswered after
+        the lease has either not reached the owner (so the owner has reaped the run already) or
+        reached an owner whose event loop is stuck (so its reaper cannot run either); waiting
+        longer cannot end well. The floor keeps a tiny lease above the owner's own 1 s wait.
+        """
+        return max(self.lease_s, _POLL_S + _MIN_POLL_MARGIN_S)
+
+    def _owner_call(self, ref: Any, method: str, timeout: float) -> Any:
+        """Wait for one owner call, naming the owner, the method, the task and the key on timeout."""
+        try:
+            return bounded_get(ref, timeout=timeout,
+                               what=f"{self.owner_label}: {method} of Ray task {self.task_label} (key {self.key})")
+        except RayWaitTimeout:
+            self.owner_unresponsive = True
+            raise
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
                options: Mapping[str, Any], job: CheckpointJob | None = None, inputs_digest: str | None = None) -> None:
@@ -62,7 +133,12 @@ class RayTaskRun:
             raise find_unpicklable(tuple(args), kwargs, self.task_label) from exc
         # The payload ref is owned by this process, which lives until the task ends;
         # wrapping it in a list keeps Ray from resolving it inside the owner actor.
-        ray.get(self.owner.submit.remote(self.key, [payload], dict(options), self.lease_s))
+        call = self.owner.submit.remote(self.key, [payload], dict(options), self.lease_s)
+        try:
+            self._owner_call(call, "submit", OWNER_CALL_TIMEOUT_S)
+        except RayWaitTimeout:
+            self.submitted = True  # it may have started: cancel() and release() must still reach the owner
+            raise
         self.submitted = True
 
     def wait(self) -> dict[str, Any]:
@@ -71,7 +147,8 @@ class RayTaskRun:
         started = time.monotonic()
         announced = False
         while True:
-            status = ray.get(self.owner.poll.remote(self.key, offset, _POLL_S))
+            status = self._owner_call(self.owner.poll.remote(self.key, offset, _POLL_S),
+                                      f"poll (bounded by the {self.lease_s:g}s lease)", self.poll_timeout)
             self.events.update(status["events"])
             if not announced and "node_ip" in self.events:
                 announced = True
@@ -88,13 +165,15 @@ class RayTaskRun:
 
     def result_ref(self) -> ray.ObjectRef:
         try:
-            (ref,) = ray.get(self.owner.get.remote(self.key))
+            (ref,) = self._owner_call(self.owner.get.remote(self.key), "get", OWNER_CALL_TIMEOUT_S)
         except ray.exceptions.RayTaskError as exc:
             raise RayObjectLost(f"Result of task {self.task_label} is gone from Ray: {exc}") from exc
         return ref
 
     def fetch(self) -> Any:
-        return ray.get(self.result_ref())
+        return bounded_get(self.result_ref(), timeout=FETCH_TIMEOUT_S,
+                           what=f"the result of Ray task {self.task_label} (key {self.key}, "
+                                f"held by {self.owner_label})")
 
     def raise_failure(self, status: Mapping[str, Any]) -> None:
         """Turn a failed or cancelled status into the exception the Airflow task should fail with."""
@@ -113,10 +192,13 @@ class RayTaskRun:
             )
         cause: BaseException | None = None
         try:
-            ray.get(self.result_ref())
+            self.fetch()
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if isinstance(exc.cause, BaseException) else exc
         except Exception as exc:  # noqa: BLE001 - e.g. the exception class cannot be unpickled here
+            # Kept as the failure's cause; logged because an Airflow skip/fail raised remotely is lost with it.
+            self.log.warning("Could not rebuild the remote exception of Ray task %s (key %s) here: %r",
+                             self.task_label, self.key, exc)
             cause = exc
         if isinstance(cause, (AirflowSkipException, AirflowFailException)):
             raise cause  # keep Airflow's control-flow exceptions raised inside Ray meaningful
@@ -125,12 +207,21 @@ class RayTaskRun:
     def cancel(self) -> None:
         if self.submitted and not self.finished:
             self.log.warning("Cancelling Ray task %s", self.task_label)
-            try:
-                ray.get(self.owner.cancel.remote(self.key), timeout=20)
-            except Exception as exc:  # noqa: BLE001 - the lease still reaps it
-                self.log.warning("Could not cancel Ray task %s: %s", self.task_label, exc)
+            if self.owner_unresponsive:
+                # Waiting on a wedged owner again would only delay the failure. The request is queued,
+                # so an owner that recovers still cancels; failing that, the lease reaps the run.
+                self.owner.cancel.remote(self.key)
+                self.log.warning("Not waiting for %s to cancel Ray task %s (key %s): it stopped answering; "
+                                 "the cancel request is queued and the %gs lease reaps the run anyway",
+                                 self.owner_label, self.task_label, self.key, self.lease_s)
+            else:
+                try:
+                    self._owner_call(self.owner.cancel.remote(self.key), "cancel", CANCEL_TIMEOUT_S)
+                except Exception as exc:  # noqa: BLE001 - the lease still reaps it
+                    self.log.warning("Could not cancel Ray task %s (key %s) through %s: %s",
+                                     self.task_label, self.key, self.owner_label, exc)
             self.finished = True
 
     def release(self) -> None:
         if self.submitted:
-            self.owner.release.remote([self.key])
+            self.owner.release.remote([self.key])  # not awaited: nothing waits, so nothing can hang here

@@ -9,18 +9,22 @@ This module runs inside the Ray cluster and must not import Airflow.
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import os
 import sys
 import threading
 import time
+import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import ray
+import ray.actor
 from ray import cloudpickle
 
 from airflow_ray_provider import checkpoint as ckpt
@@ -159,6 +163,93 @@ def _captured_output(sink: _LogSink) -> Iterator[None]:
         sys.stdout, sys.stderr = old_out, old_err
 
 
+class _MadeByThisTry:
+    """Placement groups and actors the callable creates from this worker process, for cleanup if the try fails.
+
+    Ray ties a placement group made inside a task to the task's *job*, not to the task or its worker:
+    these tasks belong to the keeper's job, which never ends, so without this a dead try's placement
+    groups hold their CPUs until the cluster restarts (and its retry may wait for them forever). Each
+    one is reported to the owner actor the moment it exists, because a killed worker reports nothing
+    afterwards. Actors made here die with this worker process (Ray fate-shares them with their owner),
+    but a callable that raised leaves its worker alive for reuse, so those still referenced are killed
+    here.
+
+    Only this process is watched: placement groups made by a child task or actor are not seen.
+    """
+
+    def __init__(self, owner: Any, key: str) -> None:
+        self._owner = owner
+        self._key = key
+        self.attempt = uuid.uuid4().hex  # a Ray-level retry of the same key is a new attempt
+        self.actors: list[tuple[weakref.ref[Any], str]] = []
+
+    def report(self, placement_groups: list[Any], wait: bool) -> None:
+        ref = self._owner.note_created.remote(self._key, self.attempt, placement_groups)
+        if wait:  # delivered before the caller can use (and the try can die holding) the placement group
+            ray.get(ref, timeout=30)
+
+    def kill_live_actors(self) -> list[str]:
+        killed = []
+        for handle_ref, label in self.actors:
+            handle = handle_ref()
+            if handle is None:
+                continue  # no handle left here: Ray has already ended it (or will, as its last handle goes)
+            try:
+                ray.kill(handle, no_restart=True)
+                killed.append(label)
+            except Exception as exc:  # noqa: BLE001 - one stuck actor must not keep the others alive
+                print(f"Could not kill actor {label}: {exc}", file=sys.stderr)
+        return killed
+
+
+@contextmanager
+def _tracking_what_this_try_makes(made: _MadeByThisTry) -> Iterator[None]:
+    """While the callable runs, note what it creates; Ray's own entry points are restored afterwards.
+
+    Both ``placement_group()`` and every actor creation go through one function each; Tune, Train
+    and xgboost-ray import ``placement_group`` by name, so its implementation is swapped inside the
+    shared wrapper (``client_mode_wrap``'s closure) rather than on the module.
+    """
+    # The module, not ray.util.placement_group: ray.util re-exports the function under the module's name.
+    pg_wrapper = importlib.import_module("ray.util.placement_group").placement_group
+    cell = next((c for c in (pg_wrapper.__closure__ or ())
+                 if c.cell_contents is getattr(pg_wrapper, "__wrapped__", None)), None)
+    create_pg = cell.cell_contents if cell is not None else None
+    create_actor = ray.actor.ActorClass._remote
+
+    def recording_placement_group(*args: Any, **kwargs: Any) -> Any:
+        pg = create_pg(*args, **kwargs)
+        lifetime = kwargs["lifetime"] if "lifetime" in kwargs else (args[3] if len(args) > 3 else None)
+        if lifetime != "detached":  # a detached placement group is meant to outlive the try
+            try:
+                made.report([pg], wait=True)
+            except Exception as exc:  # noqa: BLE001 - creating it succeeded; only the cleanup is at risk
+                print(f"Could not tell the owner actor about placement group {pg.id.hex()}; it will not be "
+                      f"released if this try dies: {exc}", file=sys.stderr)
+        return pg
+
+    def recording_remote(self: Any, args: Any = None, kwargs: Any = None, **actor_options: Any) -> Any:
+        handle = create_actor(self, args, kwargs, **actor_options)
+        # get_if_exists may hand back someone else's actor; when it creates one, it recurses here without it.
+        if not actor_options.get("get_if_exists") and actor_options.get("lifetime") != "detached":
+            label = f"{getattr(self.__ray_metadata__, 'class_name', 'actor')} {handle._actor_id.hex()}"
+            made.actors.append((weakref.ref(handle), label))
+        return handle
+
+    if cell is None:
+        print("This Ray version's placement_group() has an unexpected shape: placement groups this try makes "
+              "will not be released if it dies", file=sys.stderr)
+    else:
+        cell.cell_contents = recording_placement_group
+    ray.actor.ActorClass._remote = recording_remote
+    try:
+        yield
+    finally:
+        ray.actor.ActorClass._remote = create_actor
+        if cell is not None:
+            cell.cell_contents = create_pg
+
+
 def resolve_refs(value: Any) -> Any:
     """Replace ``ObjectRef``s and ``UpstreamRef``s nested in lists, tuples and dicts by their values.
 
@@ -211,10 +302,23 @@ def run_callable(payload: tuple[Any, ...], key: str, owner: Any) -> Any:
             events["checkpoint"] = {"uri": job.checkpoint.result_uri, "sha256": manifest.sha256, "restored": True}
         else:
             fn: Callable[..., Any] = cloudpickle.loads(fn_bytes)
+            made = _MadeByThisTry(owner, key)
+            # Not waited for: it only tells the owner that an earlier attempt (if any) is over.
+            made.report([], wait=False)
             with _captured_output(sink), ckpt.bound(job.checkpoint if job is not None else None):
                 # Inside the capture: a restore from a checkpoint says so in the Airflow task log.
                 args, kwargs = resolve_refs(args), resolve_refs(kwargs)
-                result = fn(*args, **kwargs)
+                try:
+                    with _tracking_what_this_try_makes(made):
+                        result = fn(*args, **kwargs)
+                except BaseException:
+                    # The owner releases this try's placement groups once it sees the failure; the actors
+                    # it still references would live on in this (reused) worker, so they go now.
+                    killed = made.kill_live_actors()
+                    if killed:
+                        print(f"Killed {len(killed)} actor(s) this failed try created: {', '.join(killed)}",
+                              file=sys.stderr)
+                    raise
             if job is not None and job.write:
                 info = job.checkpoint.write_result(result, fingerprint=job.fingerprint, split=job.split)
                 sink.write(f"Checkpoint written to {info['uri']} ({info['size']} bytes, sha256 "
@@ -235,6 +339,9 @@ def _reuse(job: CheckpointJob, sink: _LogSink) -> tuple[Any, ckpt.Manifest | Non
     try:
         manifest = job.checkpoint.read_manifest()
     except ckpt.CheckpointNotFound:
+        return None, None
+    except ckpt.CheckpointCorrupted as exc:  # e.g. planted by someone who can write to the bucket
+        sink.write(f"Not reusing the checkpoint at {job.checkpoint.uri}: {exc}. Recomputing.\n")
         return None, None
     if manifest.fingerprint != job.fingerprint:
         sink.write(f"The checkpoint at {job.checkpoint.uri} was written for a different callable or inputs "

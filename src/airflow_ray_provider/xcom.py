@@ -10,6 +10,10 @@ Enable with ``AIRFLOW__CORE__XCOM_BACKEND=airflow_ray_provider.xcom.RayXComBacke
   fetched from Ray on demand.
 * Plain tasks' values stay in the DB as with ``BaseXCom``, unless their JSON form is larger
   than ``[ray] xcom_threshold`` bytes; then they are put in Ray too.
+* Every reference row is signed with the deployment's ``[ray] secret_key`` and checked on
+  every read (see ``reference.py``); a row edited through the REST API, forged by a task,
+  or copied from another task's row is refused before anything is fetched or unpickled.
+  A string value is always a string.
 * ``purge`` (XCom deleted, task cleared and rerun) releases the objects;
   ``airflow-ray xcom gc`` releases those of deleted runs and, after ``[ray] xcom_retention``,
   of finished runs.
@@ -17,11 +21,14 @@ Enable with ``AIRFLOW__CORE__XCOM_BACKEND=airflow_ray_provider.xcom.RayXComBacke
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from airflow.sdk.bases.xcom import BaseXCom
@@ -39,6 +46,7 @@ from airflow_ray_provider.reference import (
     all_objects,
     is_reference,
     parse_reference,
+    signed_json,
     with_origin,
 )
 from airflow_ray_provider.settings import RayConnectionError
@@ -60,8 +68,69 @@ def xcom_conn_id() -> str:
     return conf.get("ray", "xcom_conn_id", fallback="ray_default") or "ray_default"
 
 
+@dataclass(frozen=True)
+class Read:
+    """The XCom row a pull asked for; ``None`` fields were left open by the caller."""
+
+    dag_id: str | None
+    task_id: str | None
+    run_id: str | None
+    map_index: int | None
+    key: str | None
+
+
+# Set while BaseXCom's get_one/get_all fetch rows, so deserialize_value can check that a
+# reference was written for the row it was read from (the API hands it only the value).
+_reading: contextvars.ContextVar[Read | None] = contextvars.ContextVar("airflow_ray_xcom_read", default=None)
+
+
+@contextmanager
+def _read_as(read: Read) -> Iterator[None]:
+    token = _reading.set(read)
+    try:
+        yield
+    finally:
+        _reading.reset(token)
+
+
+def check_origin(ref: AnyReference, read: Read | None, row_key: str | None = None) -> None:
+    """Refuse a (validly signed) reference found in a row other than the one it was written to."""
+    origin = ref.origin
+    wanted = {"dag_id": read.dag_id, "task_id": read.task_id, "run_id": read.run_id,
+              "map_index": read.map_index, "xcom_key": read.key} if read is not None else {}
+    if row_key is not None:
+        wanted["xcom_key"] = row_key
+    wrong = {name: value for name, value in wanted.items() if value is not None and getattr(origin, name) != value}
+    if wrong:
+        found = ", ".join(f"{name}={getattr(origin, name)!r}" for name in wrong)
+        asked = ", ".join(f"{name}={value!r}" for name, value in wrong.items())
+        raise RayXComReferenceError(
+            f"Ray XCom reference read from the row with {asked} was written for {found}: a reference copied "
+            f"from another task's row is refused. Nothing was fetched.")
+
+
 class RayXComBackend(BaseXCom):
     """Keeps ``@task.ray`` results (and large plain-task values) in Ray's object store."""
+
+    @classmethod
+    def get_one(cls, *, key: str, dag_id: str, task_id: str, run_id: str, map_index: int | None = None,
+                include_prior_dates: bool = False) -> Any | None:
+        with _read_as(Read(dag_id, task_id, None if include_prior_dates else run_id, map_index, key)):
+            return super().get_one(key=key, dag_id=dag_id, task_id=task_id, run_id=run_id, map_index=map_index,
+                                   include_prior_dates=include_prior_dates)
+
+    @classmethod
+    async def aget_one(cls, *, key: str, dag_id: str, task_id: str, run_id: str, map_index: int | None = None,
+                       include_prior_dates: bool = False) -> Any | None:
+        with _read_as(Read(dag_id, task_id, None if include_prior_dates else run_id, map_index, key)):
+            return await super().aget_one(key=key, dag_id=dag_id, task_id=task_id, run_id=run_id,
+                                          map_index=map_index, include_prior_dates=include_prior_dates)
+
+    @classmethod
+    def get_all(cls, *, key: str, dag_id: str, task_id: str, run_id: str, include_prior_dates: bool = False) -> Any:
+        with _read_as(Read(dag_id, task_id, None if include_prior_dates else run_id, None, key)):
+            return super().get_all(key=key, dag_id=dag_id, task_id=task_id, run_id=run_id,
+                                   include_prior_dates=include_prior_dates)
 
     @staticmethod
     def serialize_value(
@@ -73,9 +142,10 @@ class RayXComBackend(BaseXCom):
         run_id: str | None = None,
         map_index: int | None = None,
     ) -> Any:
-        origin = Origin(dag_id or "", task_id or "", run_id or "", -1 if map_index is None else map_index)
+        origin = Origin(dag_id or "", task_id or "", run_id or "", -1 if map_index is None else map_index,
+                        key or BaseXCom.XCOM_RETURN_KEY)
         if isinstance(value, (RayObject, RayObjectList, RayObjectDict)):
-            return with_origin(value, origin).to_json()
+            return signed_json(with_origin(value, origin))
         serialized = BaseXCom.serialize_value(value, key=key, task_id=task_id, dag_id=dag_id, run_id=run_id,
                                               map_index=map_index)
         if is_reference(serialized):
@@ -83,20 +153,17 @@ class RayXComBackend(BaseXCom):
                              f"the Ray XCom backend uses it to mark references")
         threshold = xcom_threshold()
         if threshold >= 0 and len(json.dumps(serialized, default=str)) > threshold:
-            return put_value(value, origin, key or BaseXCom.XCOM_RETURN_KEY).to_json()
+            return signed_json(put_value(value, origin, key or BaseXCom.XCOM_RETURN_KEY))
         return serialized
 
     @staticmethod
     def deserialize_value(result: Any) -> Any:
         raw = result.value
-        if isinstance(raw, str) and MARKER in raw[:64]:
-            try:
-                raw = json.loads(raw)
-            except ValueError:
-                pass
-        if not is_reference(raw):
+        if not is_reference(raw):  # a string is data, even one that looks like a reference
             return BaseXCom.deserialize_value(result)
         ref = parse_reference(raw)
+        row_key = getattr(result, "key", None)
+        check_origin(ref, _reading.get(), row_key if isinstance(row_key, str) else None)
         if consumer_is_ray_task():
             return ref  # the Ray worker resolves it; the bytes never come through this process
         return fetch(ref)
@@ -166,7 +233,9 @@ def object_refs(objects: list[RayObject], restore_log: Any = None) -> list[Any]:
     With ``restore_log``, objects the owner no longer holds but that have a checkpoint are
     first put back into the object store (under their old key) from that checkpoint.
     """
-    import ray
+
+    from airflow_ray_provider.owner import owner_label
+    from airflow_ray_provider.submission import OWNER_CALL_TIMEOUT_S, bounded_get
 
     by_owner: dict[Location, list[int]] = {}
     for i, obj in enumerate(objects):
@@ -174,7 +243,10 @@ def object_refs(objects: list[RayObject], restore_log: Any = None) -> list[Any]:
     refs: list[Any] = [None] * len(objects)
     for location, indexes in by_owner.items():
         _connect(location)
-        found = ray.get(_owner(location).get_many.remote([objects[i].key for i in indexes]))
+        found = bounded_get(_owner(location).get_many.remote([objects[i].key for i in indexes]),
+                            timeout=OWNER_CALL_TIMEOUT_S,
+                            what=f"{owner_label(location.namespace, location.owner)}: get_many of "
+                                 f"{len(indexes)} key(s), first {objects[indexes[0]].key!r}")
         for i, ref in zip(indexes, found, strict=True):
             if ref is None and objects[i].checkpoint is not None and restore_log is not None:
                 ref = _restore_into_ray(objects[i], restore_log)
@@ -207,11 +279,10 @@ def worker_checkpoint(obj: RayObject) -> tuple[Any, int | None, str] | None:
 
 def _restore_into_ray(obj: RayObject, log: Any) -> Any:
     """Load ``obj`` from its checkpoint in a Ray task the owner actor submits, under the same key."""
-    import ray
 
     from airflow_ray_provider.checkpoint import restore_result
     from airflow_ray_provider.hooks import RayHook
-    from airflow_ray_provider.submission import RayTaskRun
+    from airflow_ray_provider.submission import OWNER_CALL_TIMEOUT_S, RayTaskRun, bounded_get
 
     assert obj.checkpoint is not None
     restore_args = worker_checkpoint(obj)
@@ -224,15 +295,25 @@ def _restore_into_ray(obj: RayObject, log: Any) -> Any:
     try:
         run.submit(restore_result, restore_args, {}, {"num_cpus": 0, "name": f"restore:{obj.key}"[:200]})
     except KeyError:
-        pass  # another consumer is restoring it right now: wait for theirs
-    else:
-        status = run.wait()
-        if status["state"] != "finished":
+        log.info("Another consumer is restoring %s right now; waiting for it", obj.origin.label(obj.item))
+    status = run.wait()
+    if status["state"] != "finished":
+        try:
             run.raise_failure(status)
-    info = ray.get(run.owner.describe.remote(obj.key))
+        finally:
+            # A failed restore must not stay under the object's key: the next consumer would get the
+            # failure back as if it were the object, and never try the checkpoint again.
+            try:
+                bounded_get(run.owner.release.remote([obj.key]), timeout=OWNER_CALL_TIMEOUT_S,
+                            what=f"{run.owner_label}: release of key {obj.key!r}")
+            except Exception as exc:  # noqa: BLE001 - the failure above is what the task reports
+                log.warning("Could not drop the failed restore of %s (key %s) from its owner: %s",
+                            obj.origin.label(obj.item), obj.key, exc)
+    info = bounded_get(run.owner.describe.remote(obj.key), timeout=OWNER_CALL_TIMEOUT_S,
+                       what=f"{run.owner_label}: describe of key {obj.key!r}")
     log.info("Restored %s from its checkpoint in %.2fs (%s bytes)", obj.origin.label(obj.item),
              time.monotonic() - started, info.get("size"))
-    (ref,) = ray.get(run.owner.get.remote(obj.key))
+    ref = run.result_ref()
     return ref
 
 
@@ -244,10 +325,13 @@ def fetch(ref: AnyReference) -> Any:
     """
     import ray
 
+    from airflow_ray_provider.submission import FETCH_TIMEOUT_S, bounded_get
+
     objects = all_objects(ref)
     try:
         refs = object_refs(objects)
-        values = ray.get(refs)
+        values = bounded_get(refs, timeout=FETCH_TIMEOUT_S,
+                             what=f"the value of {objects[0].origin.label()} ({len(refs)} object(s))")
     except (RayXComObjectLost, RayConnectionError, ray.exceptions.ObjectLostError,
             ray.exceptions.OwnerDiedError) as exc:
         if any(obj.checkpoint is None for obj in objects):
@@ -268,7 +352,9 @@ def fetch(ref: AnyReference) -> Any:
 
 def release(objects: Iterable[RayObject]) -> int:
     """Let Ray free these objects; returns how many the owners still held."""
-    import ray
+
+    from airflow_ray_provider.owner import owner_label
+    from airflow_ray_provider.submission import OWNER_CALL_TIMEOUT_S, bounded_get
 
     by_owner: dict[Location, list[str]] = {}
     for obj in objects:
@@ -276,7 +362,9 @@ def release(objects: Iterable[RayObject]) -> int:
     released = 0
     for location, keys in by_owner.items():
         _connect(location)
-        released += ray.get(_owner(location).release.remote(keys), timeout=60)
+        released += bounded_get(_owner(location).release.remote(keys), timeout=OWNER_CALL_TIMEOUT_S,
+                                what=f"{owner_label(location.namespace, location.owner)}: release of "
+                                     f"{len(keys)} key(s)")
     return released
 
 
@@ -286,7 +374,8 @@ def put_value(value: Any, origin: Origin, xcom_key: str) -> RayObject:
 
     from airflow_ray_provider.describe import describe
     from airflow_ray_provider.hooks import RayHook
-    from airflow_ray_provider.owner import get_owner, shard_for
+    from airflow_ray_provider.owner import get_owner, owner_label, shard_for
+    from airflow_ray_provider.submission import FETCH_TIMEOUT_S, bounded_get
 
     conn_id = xcom_conn_id()
     hook = RayHook(conn_id)
@@ -297,7 +386,8 @@ def put_value(value: Any, origin: Origin, xcom_key: str) -> RayObject:
     shard = shard_for(key, settings.owner_shards)
     described = describe(value)
     payload = ray.put(value)
-    info = ray.get(get_owner(settings.namespace, shard).adopt.remote(key, [payload], described))
+    info = bounded_get(get_owner(settings.namespace, shard).adopt.remote(key, [payload], described),
+                       timeout=FETCH_TIMEOUT_S, what=f"{owner_label(settings.namespace, shard)}: adopt of key {key!r}")
     del payload
     return RayObject(key=key, location=Location(conn_id, settings.namespace, shard), type=described["type"],
                      size=info.get("size"), summary=described["summary"], nodes=tuple(info.get("node_ids") or ()),

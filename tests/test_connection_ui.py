@@ -1,0 +1,281 @@
+"""The ``ray`` connection in Airflow's UI: the form, the connections list's Test button, and what they send.
+
+The browser test starts a real ``airflow api-server`` on a free loopback port (this session's
+AIRFLOW_HOME and SQLite DB) and drives it in Debian's chromium with Playwright. Screenshots of
+every step land in ``tests/output/connection_ui/`` (ignored by git), so a failure can be looked at.
+
+Airflow 3.3.2's own part, which no provider can change: the list's Test button posts
+``port: Number(connection.port)``, i.e. ``0`` for a connection without a port, and the API's
+``_same_endpoint`` (airflow/api_fastapi/core_api/routes/public/connections.py:110-122) treats
+``""`` but not ``0`` as "no port", so it answers 400 "The host or port to test differs from the
+stored connection" (same file, 387-395), which the toast shows as "Bad Request".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_ray_provider.settings import RayConnectionError, RaySettings
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = ROOT / "tests" / "output" / "connection_ui"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+TEST_TIMEOUT_MS = 150_000  # a `local` Test starts the embedded head first (about 15 s here), then probes it
+
+
+# -- Host/Port versus the `address` extra (no browser) -----------------------------------------------------------
+def test_host_port_and_address_extra_never_silently_disagree() -> None:
+    # What the old form saved when a user typed Host/Port: its pre-filled address=local used to win.
+    with pytest.raises(RayConnectionError) as info:
+        RaySettings.from_fields(host="10.0.0.5", port=6380, extra={"address": "local"})
+    assert "'local'" in str(info.value) and "'10.0.0.5:6380'" in str(info.value)
+    with pytest.raises(RayConnectionError, match=r"'head-a:6379'.*'head-b:6379'"):
+        RaySettings.from_fields(host="head-b", port=6379, extra={"address": "head-a:6379"})
+    # The same cluster twice is fine; so is either field alone.
+    agreed = RaySettings.from_fields(host="Head", port=6379, extra={"address": "head:6379"})
+    assert str(agreed.address) == "head:6379" and agreed.address_source == "address"
+    for extra in ({}, {"address": None}, {"address": ""}, {"address": "  "}):
+        settings = RaySettings.from_fields(host="head", port=6379, extra=extra)
+        assert (str(settings.address), settings.address_source) == ("head:6379", "host/port")
+    assert RaySettings.from_fields(extra={"address": "auto"}).address.kind == "auto"
+    assert RaySettings.from_fields(host="ray://head", port=10001).address.kind == "client"
+    default = RaySettings.from_fields(extra={"namespace": "x"})
+    assert (default.address.kind, default.address_source) == ("local", "default")
+
+
+def test_port_zero_means_no_port_and_a_lone_port_is_named() -> None:
+    # Airflow's connections list sends port 0 for "no port" (Number(null)); nothing listens on port 0.
+    assert RaySettings.from_fields(port=0).address.kind == "local"
+    assert RaySettings.from_fields(host="local", port=0).address.kind == "local"
+    assert RaySettings.from_fields(host="auto", port=0, extra={"address": "auto"}).address.kind == "auto"
+    with pytest.raises(RayConnectionError, match="'port' is 6379 but 'host' is empty"):
+        RaySettings.from_fields(port=6379)
+    with pytest.raises(RayConnectionError, match="'host' is 'local', which takes no port, but 'port' is 6379"):
+        RaySettings.from_fields(host="local", port=6379)
+    with pytest.raises(RayConnectionError, match="'host' 'head' with no 'port'"):
+        RaySettings.from_fields(host="head")
+    with pytest.raises(RayConnectionError, match="'address' must be a string"):
+        RaySettings.from_fields(extra={"address": 6379})
+
+
+def test_the_form_does_not_prefill_an_address() -> None:
+    from airflow_ray_provider.get_provider_info import get_provider_info
+
+    conn_type = get_provider_info()["connection-types"][0]
+    address = conn_type["conn-fields"]["address"]["schema"]
+    assert "default" not in address, "a pre-filled address shadows the Host/Port the user types"
+    assert "empty" in conn_type["ui-field-behaviour"]["placeholders"]["port"]
+
+
+# -- the real UI in chromium ---------------------------------------------------------------------------------------
+def _browser_or_skip() -> Any:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: `apt-get install -y chromium` (Debian's browser; Playwright's "
+                    "own download cannot run here)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed: `pip install -c constraints.txt '.[test]'`")
+    return sync_playwright
+
+
+@pytest.fixture
+def api_server(airflow_home: Path, tmp_path: Path) -> Iterator[str]:
+    """A real API server on a free loopback port, every user an admin, connection testing enabled.
+
+    The `local` Test starts the embedded head under $AIRFLOW_HOME/ray from the API server's process
+    tree; it is stopped afterwards unless it was already running before this test.
+    """
+    from airflow_ray_provider.local_cluster import LocalRayCluster, free_ports, port_open
+
+    embedded = LocalRayCluster()
+    embedded_was_running = embedded.status() is not None
+    (port,) = free_ports(1)
+    env = {k: v for k, v in os.environ.items() if k != "AIRFLOW_CONN_RAY_DEFAULT"}
+    env.update(AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True", AIRFLOW__CORE__TEST_CONNECTION="Enabled")
+    log_path = tmp_path / "api-server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "airflow", "api-server", "-H", "127.0.0.1", "-p", str(port),
+                                 "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # its own process group, so it is stopped whole
+    try:
+        deadline = time.monotonic() + 120
+        while not port_open("127.0.0.1", port, timeout=0.5):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"airflow api-server did not start on port {port}: "
+                                   f"{log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        OUTPUT.mkdir(parents=True, exist_ok=True)
+        shutil.copy(log_path, OUTPUT / "api-server.log")
+        if embedded.log_file.exists():  # the `local` Test's `ray start --head` output, if it ran
+            shutil.copy(embedded.log_file, OUTPUT / "embedded-head.log")
+        if not embedded_was_running:
+            embedded.stop()
+
+
+def _store_connections(connections: dict[str, dict[str, Any]]) -> None:
+    from airflow.models import Connection
+    from airflow.utils.session import create_session
+    from sqlalchemy import delete
+
+    with create_session() as session:
+        session.execute(delete(Connection).where(Connection.conn_id.in_(list(connections))))
+        for conn_id, fields in connections.items():
+            extra = fields.pop("extra", None)
+            session.add(Connection(conn_id=conn_id, conn_type="ray", extra=json.dumps(extra) if extra else None,
+                                   **fields))
+
+
+def _test_from_list(page: Any, base: str, conn_id: str) -> tuple[dict[str, Any], str]:
+    """Press the Test button of ``conn_id``'s row; return the request body the UI sent and the toast's text."""
+    page.goto(f"{base}/connections")  # a fresh page: no toast of an earlier row left over
+    row = page.get_by_role("row").filter(has=page.get_by_text(conn_id, exact=True))
+    row.wait_for(timeout=60_000)
+    with page.expect_response(lambda r: r.url.endswith("/api/v2/connections/test"),
+                              timeout=TEST_TIMEOUT_MS) as response:
+        row.get_by_role("button", name="Test Connection").click()
+    body = json.loads(response.value.request.post_data or "{}")
+    toast = page.locator("[data-scope=toast][data-part=root]").first
+    toast.wait_for(timeout=10_000)
+    text = toast.inner_text()
+    page.wait_for_timeout(800)  # let the toast finish sliding in, so the screenshot shows all of it
+    page.screenshot(path=str(OUTPUT / f"test-{conn_id}.png"), full_page=True)
+    return body, text
+
+
+def _airflow_accepts_port_zero() -> bool:
+    """Whether this Airflow's test endpoint treats the list's ``port: 0`` as "no port" (see the module doc)."""
+    from airflow.api_fastapi.core_api.routes.public import connections
+
+    return connections._same_endpoint(0, None)
+
+
+def _session_head_token(airflow_home: Path) -> str | None:
+    """The token of the ``ray_cluster`` fixture's head (started by LocalRayCluster, token auth by default)."""
+    from airflow_ray_provider.local_cluster import LocalRayCluster
+
+    cluster = LocalRayCluster(airflow_home / "session-ray")
+    return cluster.auth_token() if hasattr(cluster, "auth_token") else None
+
+
+def test_connections_list_test_button_in_chromium(api_server: str, ray_cluster: str, airflow_home: Path) -> None:
+    from airflow_ray_provider.local_cluster import free_ports
+
+    sync_playwright = _browser_or_skip()
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    host, port = ray_cluster.rsplit(":", 1)
+    token = _session_head_token(airflow_home)
+    (closed,) = free_ports(1)
+    _store_connections({
+        "ray_ui_hostport": {"host": host, "port": int(port), "password": token},
+        # What the old form saved when a user typed Host/Port next to its pre-filled address=local.
+        "ray_ui_conflict": {"host": host, "port": int(port), "password": token, "extra": {"address": "local"}},
+        # `local` with Port 0: the provider reads 0 as "no port", and Airflow's check passes (0 == 0).
+        "ray_ui_local": {"port": 0, "extra": {"namespace": "ui-test"}},
+        # `local` with no port at all: Airflow 3.3.2 refuses it before the provider is asked.
+        "ray_ui_local_noport": {"extra": {"address": "local"}},
+        "ray_ui_closed": {"host": "127.0.0.1", "port": closed, "extra": {"connect_timeout": 3}},
+    })
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{api_server}/connections")
+            page.get_by_text("ray_ui_hostport", exact=True).wait_for(timeout=60_000)
+            page.screenshot(path=str(OUTPUT / "connections-list.png"), full_page=True)
+            results = {conn_id: _test_from_list(page, api_server, conn_id) for conn_id in (
+                "ray_ui_hostport", "ray_ui_conflict", "ray_ui_local", "ray_ui_closed", "ray_ui_local_noport")}
+        finally:
+            browser.close()
+
+    shown = {conn_id: text for conn_id, (_, text) in results.items()}
+    (OUTPUT / "toasts.json").write_text(json.dumps(shown, indent=2))
+    body, text = results["ray_ui_hostport"]
+    assert body["port"] == int(port), body
+    assert text.startswith("Test Connection Successful"), shown
+    assert f"at {ray_cluster}: 1 node(s)" in text and "(from Host/Port)" in text, shown
+
+    # Both fields set and different: a message naming both, not a silent run on the embedded head.
+    text = results["ray_ui_conflict"][1]
+    assert text.startswith("Test Connection Failed"), shown
+    assert f"the 'address' extra is 'local' but 'host'/'port' give '{ray_cluster}'" in text, shown
+
+    text = results["ray_ui_local"][1]
+    assert text.startswith("Test Connection Successful"), shown
+    assert "Connected to Ray 2." in text and "(embedded head, no address set)" in text, shown
+
+    text = results["ray_ui_closed"][1]
+    assert text.startswith("Test Connection Failed") and f"127.0.0.1:{closed}" in text, shown
+    assert "Bad Request" not in text, shown
+
+    body, text = results["ray_ui_local_noport"]
+    assert body["port"] == 0, body  # the UI's Number(null)
+    if _airflow_accepts_port_zero():  # an Airflow with the fix: the provider's answer comes through
+        assert text.startswith("Test Connection Successful") and "(embedded head, from the 'address' extra" in text
+    else:
+        assert text == "Test Connection Failed\nBad Request", shown
+
+
+def test_form_host_port_is_what_the_list_tests(api_server: str, ray_cluster: str, airflow_home: Path) -> None:
+    """A Ray connection typed into the Add Connection form with Host/Port runs on that cluster."""
+    sync_playwright = _browser_or_skip()
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    host, port = ray_cluster.rsplit(":", 1)
+    from airflow.models import Connection
+    from airflow.utils.session import create_session
+    from sqlalchemy import delete
+
+    with create_session() as session:  # a leftover of an earlier run would make the form's Save fail
+        session.execute(delete(Connection).where(Connection.conn_id == "ray_ui_form"))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            page.goto(f"{api_server}/connections")
+            page.get_by_role("button", name="Add Connection").click()
+            page.locator("input[name=connection_id]").fill("ray_ui_form")
+            page.get_by_role("combobox").fill("Ray")
+            page.get_by_role("option", name="Ray", exact=True).wait_for(timeout=30_000)
+            page.keyboard.press("Enter")
+            page.get_by_placeholder("GCS host", exact=False).fill(host)
+            page.get_by_placeholder("GCS port", exact=False).fill(port)
+            if token := _session_head_token(airflow_home):
+                page.get_by_placeholder("token for clusters", exact=False).fill(token)
+            page.get_by_text("Extra Fields", exact=True).click()
+            page.get_by_text("Ray address", exact=True).wait_for(timeout=10_000)
+            page.screenshot(path=str(OUTPUT / "form-filled.png"), full_page=True)
+            with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/api/v2/connections")) as req:
+                page.get_by_role("button", name="Save").click()
+            saved = json.loads(req.value.post_data or "{}")
+            body, text = _test_from_list(page, api_server, "ray_ui_form")
+        finally:
+            browser.close()
+    extra = json.loads(saved.get("extra") or "{}")
+    assert extra.get("address") in (None, ""), f"the form pre-filled address {extra.get('address')!r}: {saved}"
+    assert (saved["host"], saved["port"]) == (host, int(port)), saved
+    assert body["port"] == int(port), body
+    assert text.startswith("Test Connection Successful") and f"at {ray_cluster}: " in text, text
+    assert "(from Host/Port)" in text, text
