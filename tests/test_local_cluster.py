@@ -352,3 +352,20 @@ def test_state_file_steering_clients_elsewhere_is_refused(tmp_path: Path) -> Non
     os.chmod(cluster.state_file, 0o666)  # others could have rewritten it
     with pytest.raises(LocalClusterError, match=re.escape(str(cluster.state_file))):
         cluster.read_state()
+
+
+def test_a_token_the_provider_set_is_not_taken_for_the_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RayHook puts a connection's token into os.environ for Ray's loader; nothing started later may adopt it."""
+    from airflow_ray_provider import local_cluster
+
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        monkeypatch.setenv(name, "placeholder")  # registered, so teardown restores the environment
+    monkeypatch.setattr(local_cluster, "_PROVIDER_AUTH_ENV", {})
+    other = "f" * 64
+    local_cluster.set_provider_auth_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=other)
+    assert os.environ["RAY_AUTH_TOKEN"] == other  # Ray's loader still finds it
+    assert "RAY_AUTH_TOKEN" not in local_cluster.user_environ()
+    assert local_cluster.ray_process_env().get("RAY_AUTH_TOKEN") != other  # a probe or joined node
+    cluster = LocalRayCluster(tmp_path / "ray")
+    mode, token, token_file = cluster._auth_policy()
+    assert (mode, token_file) == ("token", cluster.token_file) and token != other  # its own token file

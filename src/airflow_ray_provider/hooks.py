@@ -20,6 +20,8 @@ from airflow_ray_provider.local_cluster import (
     is_loopback_host,
     keep_loopback_addresses,
     port_open,
+    set_provider_auth_env,
+    user_environ,
 )
 from airflow_ray_provider.settings import AUTO, LOCAL, RayAddress, RayConnectionError, RaySettings
 
@@ -182,7 +184,9 @@ class RayHook(BaseHook):
             target = self.resolve_address()
         except Exception as exc:  # noqa: BLE001 - shown to the user in the UI
             return False, str(exc)
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        # The probe tests this connection, so it gets only this connection's token, never one this
+        # process holds from connecting elsewhere.
+        env = {**user_environ(), "RAY_USAGE_STATS_ENABLED": "0"}
         if settings.auth_token:
             env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=settings.auth_token)
         cmd = [sys.executable, "-m", "airflow_ray_provider.probe", target, settings.namespace,
@@ -357,8 +361,7 @@ def _connect_bounded(target: str, settings: RaySettings) -> None:
         _precheck_tcp(address, target, min(5.0, settings.connect_timeout))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if settings.auth_token:
-        os.environ["RAY_AUTH_MODE"] = "token"
-        os.environ["RAY_AUTH_TOKEN"] = settings.auth_token
+        set_provider_auth_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=settings.auth_token)
         _reload_ray_auth_config()
     outcome: dict[str, BaseException | None] = {}
     # Ray's C++ core ends a driver whose GCS stays unreachable for gcs_rpc_server_reconnect_timeout_s

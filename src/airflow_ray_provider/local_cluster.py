@@ -117,6 +117,24 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+# RAY_AUTH_* values RayHook put into this process's environment for Ray's token loader. They are the
+# provider's, not the user's: processes this package starts, and heads it starts, must not take them
+# for a token the user chose (a Test probe of a connection without a password would send another
+# connection's token; an embedded head started later would adopt it).
+_PROVIDER_AUTH_ENV: dict[str, str] = {}
+
+
+def set_provider_auth_env(**values: str) -> None:
+    """Put ``values`` into ``os.environ`` (Ray reads its token there) and remember they are ours."""
+    os.environ.update(values)
+    _PROVIDER_AUTH_ENV.update(values)
+
+
+def user_environ() -> dict[str, str]:
+    """``os.environ`` without the RAY_AUTH_* values the provider set itself (see set_provider_auth_env)."""
+    return {k: v for k, v in os.environ.items() if _PROVIDER_AUTH_ENV.get(k) != v}
+
+
 def ray_process_env(auth_token: str | None = None) -> dict[str, str]:
     """The environment for Ray processes this package starts besides the embedded head (joined nodes,
     probe drivers); the head itself gets ``LocalRayCluster._auth_env``.
@@ -126,7 +144,7 @@ def ray_process_env(auth_token: str | None = None) -> dict[str, str]:
     auth on whenever ~/.ray/auth_token exists and RAY_AUTH_MODE is unset: the user's RAY_AUTH_MODE if
     given, else ``disabled``.
     """
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**user_environ(), "RAY_USAGE_STATS_ENABLED": "0"}
     # A joining node must not inherit keep_loopback_addresses()'s switch: Ray would refuse to start it.
     for name in LOOPBACK_ONLY_ENV:
         env.pop(name, None)
@@ -309,10 +327,11 @@ class LocalRayCluster:
         Token auth is the default. The user's RAY_AUTH_MODE=disabled still opts out; the user's own
         RAY_AUTH_TOKEN (which Ray prefers over any token file) is used as it is.
         """
-        if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+        environ = user_environ()
+        if environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
             return "disabled", None, None
         token = load_or_create_token(self.token_file)
-        user_token = os.environ.get("RAY_AUTH_TOKEN")
+        user_token = environ.get("RAY_AUTH_TOKEN")
         # RayHook puts the file's token into RAY_AUTH_TOKEN once it connected: that is still the file.
         if user_token and user_token != token:
             return "token", user_token, None
@@ -330,7 +349,7 @@ class LocalRayCluster:
         if state.auth_mode != "token":
             return None
         if state.token_file is None:
-            return os.environ.get("RAY_AUTH_TOKEN")  # the head runs with the user's own token
+            return user_environ().get("RAY_AUTH_TOKEN")  # the head runs with the user's own token
         if Path(state.token_file) != self.token_file:
             raise LocalClusterError(f"State file {self.state_file} names an unexpected token file {state.token_file}")
         return read_token_file(self.token_file)
