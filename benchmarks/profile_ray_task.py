@@ -55,9 +55,12 @@ def _wrap_property(cls: type, name: str, label: str) -> None:
 
 
 def install() -> None:
-    from airflow_ray_provider import decorators, hooks, local_cluster, owner, serialization, submission
+    from airflow_ray_provider import local_cluster, serialization, submission
+    from airflow_ray_provider.cluster import owner
+    from airflow_ray_provider.hooks import ray as hooks
+    from airflow_ray_provider.operators.ray import RayPythonOperator
 
-    op, hook, run = decorators.RayDecoratedOperator, hooks.RayHook, submission.RayTaskRun
+    op, hook, run = RayPythonOperator, hooks.RayHook, submission.RayTaskRun
     for target, name, label in (
         (op, "execute_callable", "execute_callable (all of it)"),
         (hook, "get_conn", "RayHook.get_conn"),

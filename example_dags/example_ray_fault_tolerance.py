@@ -63,9 +63,9 @@ def example_ray_fault_tolerance():
         """Lose the whole Ray cluster: stop the embedded head and start a new one (a new port, an empty store)."""
         import ray
 
-        from airflow_ray_provider.hooks import RayHook
+        from airflow_ray_provider.hooks.ray import RayHook
+        from airflow_ray_provider.hooks.settings import LOCAL
         from airflow_ray_provider.local_cluster import LocalRayCluster
-        from airflow_ray_provider.settings import LOCAL
 
         if not params["restart_cluster"]:
             return "not restarted (restart_cluster is off)"

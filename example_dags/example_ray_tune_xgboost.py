@@ -107,7 +107,7 @@ def example_ray_tune_xgboost():
         from ray.tune.integration.xgboost import TuneReportCheckpointCallback
         from ray.tune.schedulers import ASHAScheduler
 
-        from airflow_ray_provider.checkpoint import current
+        from airflow_ray_provider.cluster.checkpoint import current
 
         ResumableVariantGenerator = resumable_variant_generator()
         checkpoint = current()

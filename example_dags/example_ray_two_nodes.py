@@ -66,7 +66,7 @@ def example_ray_two_nodes():
             return "not waiting"
         import ray
 
-        from airflow_ray_provider.hooks import RayHook
+        from airflow_ray_provider.hooks.ray import RayHook
 
         RayHook().get_conn()
         started = time.monotonic()

@@ -7,7 +7,7 @@ trains with xgboost-ray (``RayDMatrix`` + ``RayParams``, one actor per free CPU 
 ``evaluate`` predicts with the same actors. ``train_ray_train`` trains the same data with
 Ray Train's maintained ``XGBoostTrainer``, the path to take once xgboost-ray's pin on
 xgboost<2.1 gets in the way. Both models are checkpointed, so a retry or a new notebook
-finds them (``airflow_ray_provider.results.load_result``).
+finds them (``airflow_ray_provider.xcom.results.load_result``).
 
 The synthetic file is written on the node that runs ``prepare_data``; on a multi-node cluster
 give ``data_path`` on storage every node reads (``s3://…``), as modin's readers run on any node.
@@ -253,7 +253,7 @@ def ray_train_xgboost(path: str, params: dict) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.xgboost import RayTrainReportCallback, XGBoostTrainer
 
-    from airflow_ray_provider.checkpoint import current
+    from airflow_ray_provider.cluster.checkpoint import current
 
     train_frame, valid_frame = train_valid(read_higgs(path, params["rows"]), params["valid_fraction"])
     workers = actors_for(params["num_actors"], params["cpus_per_actor"])

@@ -10,7 +10,7 @@ and ``worker_node``, as in docker-compose.yaml; the head is ``loopback_only=Fals
 cannot reach a loopback-only head, but keeps token auth: the node and every driver present its token),
 then ``airflow api-server``, ``scheduler``, ``dag-processor`` and two Celery workers on the example DAGs
 (checkpoints under the workdir: both nodes share this disk), prints where everything is, and stops it all
-on Ctrl-C. The test points the checkpoints at its moto S3 endpoint instead. Every port is a free one;
+on Ctrl-C. The test points the checkpoints at its SeaweedFS S3 server instead. Every port is a free one;
 6379 (Redis) and 8080 are never taken (``local_cluster.free_ports``).
 """
 
@@ -318,13 +318,21 @@ def ray_nodes(address: str, auth_token: str | None = None) -> list[dict[str, Any
     """The cluster's live nodes as Ray reports them (from a throwaway driver, so this process stays clean),
     asked with ``auth_token`` (the head's token)."""
     code = ("import json, ray; ray.init(address=__import__('sys').argv[1], log_to_driver=False); "
-            "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], 'resources': n['Resources']} "
+            "print('NODES ' + json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], 'resources': n['Resources']} "
             "for n in ray.nodes()]))")
     done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120,
                           env=ray_process_env(auth_token))
     if done.returncode != 0:
         raise TopologyError(f"cannot list the nodes of {address}: {done.stderr[-2000:]}")
-    return [n for n in json.loads(done.stdout.strip().splitlines()[-1]) if n["alive"]]
+    return [n for n in marked_nodes(done.stdout) if n["alive"]]
+
+
+def marked_nodes(stdout: str) -> list[dict[str, Any]]:
+    """The JSON after ``NODES `` in a driver's output: Ray's own log lines (raylet warnings) may follow it."""
+    line = next((x for x in reversed(stdout.splitlines()) if x.startswith("NODES ")), None)
+    if line is None:
+        raise TopologyError(f"no node list in the driver's output: {stdout[-2000:]}")
+    return json.loads(line[len("NODES "):])
 
 
 # -- by hand ------------------------------------------------------------------------------------

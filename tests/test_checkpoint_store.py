@@ -1,4 +1,4 @@
-"""The checkpoint store itself, on a real S3 endpoint (moto server on loopback) and on ``file://``."""
+"""The checkpoint store itself, on a real S3 server (SeaweedFS on loopback, tests/s3server.py) and on ``file://``."""
 
 from __future__ import annotations
 
@@ -16,17 +16,10 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from airflow_ray_provider.checkpoint import (
-    CheckpointCorrupted,
-    CheckpointError,
-    CheckpointNotFound,
-    Store,
-    TaskCheckpoint,
-    TaskKey,
-    safe_component,
-)
+from airflow_ray_provider.cluster.checkpoint import Store, TaskCheckpoint, TaskKey, safe_component
+from airflow_ray_provider.exceptions import CheckpointCorrupted, CheckpointError, CheckpointNotFound
 from airflow_ray_provider.storage import checkpoint_of, make_store
-from tests.conftest import BUCKET, s3_client
+from tests.conftest import BUCKET, S3_ACCESS_KEY, S3_SECRET_KEY, aws_connection, s3_client
 
 RUN_ID = "manual__2026-11-24T05:00:00+00:00"
 
@@ -200,14 +193,23 @@ def test_reference_locations_must_match_their_task(store: Store) -> None:
         checkpoint_of({**ref, "uri": "http://elsewhere.invalid" + suffix}, "unit_dag", RUN_ID, "produce", -1)
 
 
-def test_s3_credentials_and_endpoint_come_from_the_airflow_connection(s3_endpoint: str) -> None:
+def test_s3_credentials_and_endpoint_come_from_the_airflow_connection(s3_endpoint: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server accepts one key only, so a write that lands was signed with the connection's key."""
     store = make_store(f"s3://{BUCKET}/creds", "ckpt_s3")
     assert store.storage_options["endpoint_url"] == s3_endpoint
-    assert store.storage_options["key"] == "testing"
-    assert "testing" not in repr(store)  # credentials never reach a repr or a log line
+    assert store.storage_options["key"] == S3_ACCESS_KEY and store.storage_options["secret"] == S3_SECRET_KEY
+    assert S3_ACCESS_KEY not in repr(store) and S3_SECRET_KEY not in repr(store)  # never in a repr or a log line
     task_checkpoint(store).write_result("via the connection")
     keys = [o["Key"] for o in s3_client(s3_endpoint).list_objects_v2(Bucket=BUCKET, Prefix="creds/")["Contents"]]
     assert any(k.endswith("/result/manifest.json") for k in keys)
+    # The same server and bucket through a connection with a wrong secret: refused, and named in the error.
+    monkeypatch.setenv("AIRFLOW_CONN_CKPT_S3_WRONG", aws_connection(s3_endpoint, password="not-" + S3_SECRET_KEY))
+    wrong = make_store(f"s3://{BUCKET}/creds-wrong", "ckpt_s3_wrong")
+    with pytest.raises(CheckpointError, match=f"s3://{BUCKET}/creds-wrong/unit_dag") as err:
+        task_checkpoint(wrong).write_result("refused")
+    assert S3_SECRET_KEY not in str(err.value)
+    assert "Contents" not in s3_client(s3_endpoint).list_objects_v2(Bucket=BUCKET, Prefix="creds-wrong/")
 
 
 def test_an_unreachable_store_fails_with_the_location(s3_endpoint: str) -> None:

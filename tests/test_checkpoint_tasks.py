@@ -1,6 +1,6 @@
 """``checkpoint=True`` through real Airflow runs on real Ray, with real faults.
 
-The checkpoints go to a real S3 endpoint on loopback (moto in server mode). Every
+The checkpoints go to a real S3 server on loopback (SeaweedFS, tests/s3server.py). Every
 producer appends to a marker file each time its body runs, so "not recomputed" is
 counted, not assumed.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_ray_provider.reference import parse_reference
+from airflow_ray_provider.xcom.reference import parse_reference
 from tests.conftest import BUCKET, s3_client
 from tests.dag_runs import result_of, run_py, session_ray_conn, start_py
 from tests.test_xcom_backend import stored
@@ -183,10 +183,11 @@ def test_load_result_reads_past_results_from_ray_or_the_checkpoint(tmp_path: Pat
     """The notebook helper: latest successful run by default, Ray first, then the checkpoint."""
     result, output = run_py(f"""
         import ray
-        from airflow_ray_provider.hooks import RayHook
-        from airflow_ray_provider.owner import get_owner
-        from airflow_ray_provider.reference import parse_reference
-        from airflow_ray_provider.results import ResultNotFound, load_result
+        from airflow_ray_provider.hooks.ray import RayHook
+        from airflow_ray_provider.cluster.owner import get_owner
+        from airflow_ray_provider.xcom.reference import parse_reference
+        from airflow_ray_provider.xcom.results import load_result
+        from airflow_ray_provider.exceptions import ResultNotFound
         dr = checkpoint_dags.ckpt_reuse_dag.test(run_conf={{"n": 4, "marker": {str(tmp_path / "m.log")!r}}})
         latest = load_result("ckpt_reuse", "produce")
         total = load_result("ckpt_reuse", "total", run_id=dr.run_id)
@@ -221,7 +222,7 @@ def test_a_failed_restore_does_not_poison_the_key(tmp_path: Path) -> None:
 
     import ray
 
-    from airflow_ray_provider.xcom import object_refs, release
+    from airflow_ray_provider.xcom.backend import object_refs, release
 
     root = tmp_path / "ckpt"
     result, output = run_py(f"""

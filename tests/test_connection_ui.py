@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 
-from airflow_ray_provider.settings import RayConnectionError, RaySettings
+from airflow_ray_provider.exceptions import RayConnectionError
+from airflow_ray_provider.hooks.settings import RaySettings
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "tests" / "output" / "connection_ui"

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import tomllib
 import yaml
 
-from airflow_ray_provider.settings import RaySettings
+from airflow_ray_provider.hooks.settings import RaySettings
 
 ROOT = Path(__file__).resolve().parent.parent
 AIRFLOW_SERVICES = {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
@@ -85,10 +85,12 @@ def test_one_image_with_pyprojects_python_and_ray(services: dict[str, Any]) -> N
     low, high = (tuple(map(int, v.split("."))) for v in allowed.groups())
     assert low <= tuple(map(int, python[1].split("."))) < high
 
+    # The image runs the main tested set: constraints.txt's Ray, inside pyproject's range.
     ray_pin = next(d for d in pyproject["dependencies"] if d.startswith("ray["))
-    ray_version = ray_pin.split("==")[1]
-    constraints = (ROOT / "constraints.txt").read_text()
-    assert f"\nray=={ray_version}\n" in constraints
+    ray_version = re.search(r"^ray==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)[1]
+    low_ray, high_ray = re.fullmatch(r"ray\[default\]>=(\S+),<(\S+)", ray_pin).groups()
+    as_tuple = lambda v: tuple(map(int, v.split(".")))  # noqa: E731
+    assert as_tuple(low_ray) <= as_tuple(ray_version) < as_tuple(high_ray)
     assert f"-py{python[1]}" in next(iter(images)) and ray_version in next(iter(images))
     # Installed from this checkout, pinned by the same constraints, with what the compose file needs.
     install = re.search(r"uv pip install --system -c constraints\.txt \"\.\[([a-z0-9,]+)\]\"", dockerfile)
@@ -115,7 +117,11 @@ def test_airflow_runs_celery_on_the_compose_redis_and_postgres(services: dict[st
             source = next(src for src, dst in mounts.items() if dst == password_file)
             users = e["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(":")[0]
             assert users in json.loads((ROOT / source).read_text())
-    assert command(services["airflow-worker"])[:3] == ["airflow", "celery", "worker"]
+    worker = command(services["airflow-worker"])
+    assert worker[:2] == ["bash", "-c"]
+    # The worker joins Ray as a CPU-less node (a driver needs a local raylet), then runs Celery.
+    assert worker[2].split() == ["ray", "start", f"--address=ray-head:{option(command(services['ray-head']), 'port')}",
+                                 "--num-cpus=0", "--disable-usage-stats", "&&", "exec", "airflow", "celery", "worker"]
     # One signing secret for every component: a reference written by a worker must verify in the others.
     secrets = {env(services[name]).get("AIRFLOW__RAY__SECRET_KEY") for name in AIRFLOW_SERVICES}
     assert len(secrets) == 1 and len(secrets.pop() or "") >= 32

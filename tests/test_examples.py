@@ -23,7 +23,7 @@ import psutil
 import pytest
 from ray.tune.search.variant_generator import generate_variants
 
-from airflow_ray_provider.checkpoint import safe_component
+from airflow_ray_provider.cluster.checkpoint import safe_component
 from airflow_ray_provider.local_cluster import LocalRayCluster
 from tests.conftest import BUCKET, s3_client
 from tests.dag_runs import result_of, session_ray_conn, start_py

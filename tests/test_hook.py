@@ -13,12 +13,8 @@ from typing import Any
 
 import pytest
 
-from airflow_ray_provider.settings import (
-    RayConnectionError,
-    RaySettings,
-    merge_runtime_env,
-    parse_address,
-)
+from airflow_ray_provider.exceptions import RayConnectionError
+from airflow_ray_provider.hooks.settings import RaySettings, merge_runtime_env, parse_address
 
 
 @pytest.mark.parametrize(
@@ -95,7 +91,7 @@ def test_provider_is_registered_with_airflow() -> None:
     manager = ProvidersManager()
     assert "airflow-ray-provider" in manager.providers
     hook = manager.hooks["ray"]
-    assert hook is not None and hook.hook_class_name == "airflow_ray_provider.hooks.RayHook"
+    assert hook is not None and hook.hook_class_name == "airflow_ray_provider.hooks.ray.RayHook"
     assert callable(task.ray)
     listed = subprocess.run([sys.executable, "-m", "airflow", "providers", "list"], capture_output=True, text=True,
                             timeout=120, env=os.environ.copy())
@@ -104,7 +100,7 @@ def test_provider_is_registered_with_airflow() -> None:
 
 def test_connection_fields_are_declared_the_airflow_3_way() -> None:
     from airflow_ray_provider.get_provider_info import get_provider_info
-    from airflow_ray_provider.hooks import RayHook
+    from airflow_ray_provider.hooks.ray import RayHook
 
     conn_type = get_provider_info()["connection-types"][0]
     assert conn_type["connection-type"] == "ray"
@@ -114,7 +110,7 @@ def test_connection_fields_are_declared_the_airflow_3_way() -> None:
 
 
 def test_test_connection_button(ray_cluster: str, connection) -> None:
-    from airflow_ray_provider.hooks import RayHook
+    from airflow_ray_provider.hooks.ray import RayHook
     from airflow_ray_provider.local_cluster import free_ports
 
     ok, message = RayHook().test_connection()
@@ -133,7 +129,7 @@ def test_a_second_connection_with_another_identity_is_refused(ray_cluster: str, 
     connections, never a silent reuse of the first (which would run the task under the first's identity)."""
     import ray
 
-    from airflow_ray_provider.hooks import RayHook
+    from airflow_ray_provider.hooks.ray import RayHook
 
     RayHook().get_conn()  # ray_default: the session cluster, namespace "tests"
     default_token = RayHook().settings.auth_token
@@ -171,8 +167,8 @@ def test_a_second_connection_with_another_identity_is_refused(ray_cluster: str, 
 _LONG_LIVED_DRIVER = r"""
 import statistics, sys, time
 import ray
-from airflow_ray_provider.hooks import RayHook, _connected
-from airflow_ray_provider.settings import RayConnectionError
+from airflow_ray_provider.hooks.ray import RayHook, _connected
+from airflow_ray_provider.exceptions import RayConnectionError
 
 for line in sys.stdin:
     if line.strip() == "cost":

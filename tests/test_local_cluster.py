@@ -16,9 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from airflow_ray_provider.exceptions import LocalClusterError
 from airflow_ray_provider.local_cluster import (
     LOOPBACK_ONLY_ENV,
-    LocalClusterError,
     LocalClusterState,
     LocalRayCluster,
     free_ports,
@@ -97,7 +97,7 @@ def test_a_saved_ray_token_does_not_lock_the_provider_out_of_its_embedded_head(t
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env.update(HOME=str(home), AIRFLOW_HOME=str(tmp_path / "airflow"))
     env.pop("AIRFLOW_CONN_RAY_DEFAULT", None)  # no connection: the embedded head
-    code = ("import ray; from airflow_ray_provider.hooks import RayHook; RayHook().get_conn(); "
+    code = ("import ray; from airflow_ray_provider.hooks.ray import RayHook; RayHook().get_conn(); "
             "print('sum', ray.get(ray.remote(lambda: 40 + 2).remote()))")
     try:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
@@ -187,7 +187,7 @@ def test_a_driver_without_the_token_is_refused_and_ray_hook_brings_it(
     # What a `local` connection does: RayHook reads the token from the head's 0600 file and sends it.
     env["AIRFLOW_HOME"] = str(cluster.home.parent)
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # RayHook sets what it needs itself
-    code = ("import ray; from airflow_ray_provider.hooks import RayHook; hook = RayHook(); hook.get_conn(); "
+    code = ("import ray; from airflow_ray_provider.hooks.ray import RayHook; hook = RayHook(); hook.get_conn(); "
             "print('address', ray.get_runtime_context().gcs_address); "
             "print('sum', ray.get(ray.remote(lambda: 40 + 2).remote()))")
     hooked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
@@ -204,7 +204,7 @@ def test_the_keeper_joins_with_the_token_and_logs_privately(
     present the token too, and its log must not be a predictable, world-readable file in /tmp."""
     cluster, state = private_head
     env = {**_env_without_ray_auth(tmp_path), "AIRFLOW_HOME": str(cluster.home.parent)}
-    code = ("from airflow_ray_provider import owner; from airflow_ray_provider.hooks import RayHook; "
+    code = ("from airflow_ray_provider.cluster import owner; from airflow_ray_provider.hooks.ray import RayHook; "
             "RayHook().get_conn(); owner.get_owner('private-head', 0); "
             "print('keeper', owner._factory_or_none() is not None)")
     before = set(Path(tempfile.gettempdir()).glob("airflow-ray-keeper-*"))
@@ -216,7 +216,7 @@ def test_the_keeper_joins_with_the_token_and_logs_privately(
     assert "keeper ready" in logs[0].read_text()
     # Now with Ray workers, the owner actor and the keeper driver running: they listen on loopback only too.
     procs = cluster._session_processes(state.session_id)
-    assert any("airflow_ray_provider.keeper" in " ".join(p.cmdline()) for p in procs)
+    assert any("airflow_ray_provider.cluster.keeper" in " ".join(p.cmdline()) for p in procs)
     assert not _non_loopback_sockets(cluster, state), listening_sockets(procs)
 
 

@@ -39,7 +39,7 @@ def _driver(script: str, address: str, *args: str, timeout: float = 120) -> subp
 
 
 def _connect(address: str) -> None:
-    from airflow_ray_provider.hooks import RayHook
+    from airflow_ray_provider.hooks.ray import RayHook
 
     RayHook().get_conn()
 
@@ -131,7 +131,7 @@ def _timed_sleep(seconds: float) -> tuple[float, float]:
 
 
 def test_released_key_is_a_clear_error(ray_cluster: str) -> None:
-    from airflow_ray_provider.submission import RayObjectLost
+    from airflow_ray_provider.exceptions import RayObjectLost
 
     _connect(ray_cluster)
     run = _run(f"released/{uuid.uuid4().hex}")
@@ -169,7 +169,7 @@ def test_warm_workers_are_reused_across_short_lived_airflow_processes(ray_cluste
 
     import ray
 
-    from airflow_ray_provider.owner import FACTORY_NAME, SYSTEM_NAMESPACE
+    from airflow_ray_provider.cluster.owner import FACTORY_NAME, SYSTEM_NAMESPACE
 
     factory = ray.get_actor(FACTORY_NAME, namespace=SYSTEM_NAMESPACE)
     keeper_pid = ray.get(factory.ping.remote())
@@ -196,7 +196,7 @@ def test_a_wedged_owner_fails_the_task_within_a_bound_naming_owner_and_key(ray_c
 
     import ray
 
-    from airflow_ray_provider.owner import owner_name
+    from airflow_ray_provider.cluster.owner import owner_name
     from tests.dag_runs import result_of, session_ray_conn, start_py
 
     class WedgedOwner:
@@ -285,7 +285,7 @@ def test_a_failed_location_lookup_is_logged_and_never_pulls_the_result_into_the_
     """
     import ray
 
-    from airflow_ray_provider.owner import TaskOwner, owner_name
+    from airflow_ray_provider.cluster.owner import TaskOwner, owner_name
 
     class FaultyLocationsOwner(TaskOwner):
         def __init__(self, broken: str) -> None:
@@ -299,7 +299,7 @@ def test_a_failed_location_lookup_is_logged_and_never_pulls_the_result_into_the_
                 def emit(self, record: logging.LogRecord) -> None:
                     lines.append(record.getMessage())
 
-            logging.getLogger("airflow_ray_provider.owner").addHandler(Keep())
+            logging.getLogger("airflow_ray_provider.cluster.owner").addHandler(Keep())
 
             def down(*args: object, **kwargs: object) -> None:
                 raise RuntimeError("injected fault: object locations unavailable")

@@ -18,25 +18,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from airflow_ray_provider.checkpoint import (
-    CheckpointCorrupted,
-    CheckpointError,
-    TaskCheckpoint,
-    TaskKey,
-    parse_manifest,
-    safe_component,
-)
+from airflow_ray_provider.cluster.checkpoint import TaskCheckpoint, TaskKey, parse_manifest, safe_component
 from airflow_ray_provider.config import secret_key
-from airflow_ray_provider.reference import (
-    Location,
-    Origin,
-    RayObject,
-    RayObjectList,
-    RayXComReferenceError,
-    parse_reference,
-    signed_json,
-)
+from airflow_ray_provider.exceptions import CheckpointCorrupted, CheckpointError, RayXComReferenceError
 from airflow_ray_provider.storage import make_store
+from airflow_ray_provider.xcom.reference import Location, Origin, RayObject, RayObjectList, parse_reference, signed_json
 from tests.dags.trust_dags import Bomb
 from tests.test_xcom_backend import value_of
 

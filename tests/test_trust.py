@@ -16,19 +16,19 @@ from typing import Any
 
 import pytest
 
-from airflow_ray_provider.checkpoint import CheckpointCorrupted, Store, TaskCheckpoint, TaskKey, parse_manifest
+from airflow_ray_provider.cluster.checkpoint import Store, TaskCheckpoint, TaskKey, parse_manifest
 from airflow_ray_provider.config import secret_key
-from airflow_ray_provider.reference import (
+from airflow_ray_provider.exceptions import CheckpointCorrupted, RayXComReferenceError
+from airflow_ray_provider.storage import make_store
+from airflow_ray_provider.xcom.reference import (
     SIGNATURE,
     Location,
     Origin,
     RayObject,
     RayObjectDict,
-    RayXComReferenceError,
     parse_reference,
     signed_json,
 )
-from airflow_ray_provider.storage import make_store
 from tests.dag_runs import run_py, session_ray_conn
 from tests.dags.trust_dags import ATTACKER_KEY, Bomb
 from tests.test_xcom_backend import value_of

@@ -14,14 +14,9 @@ from typing import Any
 
 import pytest
 
-from airflow_ray_provider.reference import (
-    RayObject,
-    RayObjectDict,
-    RayObjectList,
-    RayXComReferenceError,
-    parse_reference,
-)
-from airflow_ray_provider.xcom import RayXComBackend
+from airflow_ray_provider.exceptions import RayXComReferenceError
+from airflow_ray_provider.xcom.backend import RayXComBackend
+from airflow_ray_provider.xcom.reference import RayObject, RayObjectDict, RayObjectList, parse_reference
 from tests.dag_runs import run_py
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -143,8 +138,8 @@ def test_a_retry_purges_the_xcoms_of_the_try_before() -> None:
     """Airflow clears a task's XComs before it runs again (retry or clear); the backend frees their objects."""
     result, _ = run_py("""
         import ray
-        from airflow_ray_provider.hooks import RayHook
-        from airflow_ray_provider.owner import get_owner
+        from airflow_ray_provider.hooks.ray import RayHook
+        from airflow_ray_provider.cluster.owner import get_owner
         dr = xcom_dags.xcom_retry_purge_dag.test()
         keys = [k for k in ray.get(get_owner(RayHook().settings.namespace, 0).keys.remote())
                 if k.startswith(f"xcom_retry_purge/{dr.run_id}/")]
@@ -165,9 +160,9 @@ def test_gc_frees_the_objects_of_deleted_runs() -> None:
         from airflow.utils.session import create_session
         from sqlalchemy import delete
         from ray._private.internal_api import memory_summary
-        from airflow_ray_provider.hooks import RayHook
-        from airflow_ray_provider.owner import get_owner
-        from airflow_ray_provider.retention import collect_garbage
+        from airflow_ray_provider.hooks.ray import RayHook
+        from airflow_ray_provider.cluster.owner import get_owner
+        from airflow_ray_provider.xcom.retention import collect_garbage
 
         def held():
             return [k for k in ray.get(get_owner(RayHook().settings.namespace, 0).keys.remote())
@@ -202,7 +197,7 @@ def test_gc_frees_the_objects_of_deleted_runs() -> None:
 
 def test_retention_releases_objects_of_finished_runs() -> None:
     result, _ = run_py("""
-        from airflow_ray_provider.retention import collect_garbage
+        from airflow_ray_provider.xcom.retention import collect_garbage
         dr = xcom_dags.xcom_lifecycle_dag.test(run_conf={"mb": 1})
         kept = collect_garbage(retention_s=3600, grace_s=0)
         expired = collect_garbage(retention_s=0, grace_s=0)
@@ -210,7 +205,7 @@ def test_retention_releases_objects_of_finished_runs() -> None:
     """)
     assert not [k for k in result["kept"] if result["run_id"] in k]  # within retention: kept
     assert len([k for k in result["expired"] if result["run_id"] in k]) == 2
-    from airflow_ray_provider.reference import RayXComObjectLost
+    from airflow_ray_provider.exceptions import RayXComObjectLost
 
     with pytest.raises(RayXComObjectLost, match=r"task 'blob'.*checkpoint=True"):
         value_of(stored("xcom_lifecycle", result["run_id"], "blob"))
@@ -221,15 +216,15 @@ def test_a_finished_run_starts_the_gc_in_the_background(airflow_home: Path, tmp_
 
     That is ``xcom gc`` and ``checkpoints prune``.
     """
-    from airflow_ray_provider.checkpoint import TaskCheckpoint, TaskKey
+    from airflow_ray_provider.cluster.checkpoint import TaskCheckpoint, TaskKey
     from airflow_ray_provider.storage import make_store
 
     old = TaskCheckpoint(make_store(str(tmp_path / "ckpt"), None), TaskKey("old_dag", "old_run", "t"))
     old.write_result("old")
     result, output = run_py("""
         import os, time, ray
-        from airflow_ray_provider.hooks import RayHook
-        from airflow_ray_provider.owner import get_owner
+        from airflow_ray_provider.hooks.ray import RayHook
+        from airflow_ray_provider.cluster.owner import get_owner
         dr = xcom_dags.xcom_lifecycle_dag.test(run_conf={"mb": 1})
         owner = get_owner(RayHook().settings.namespace, 0)
         mine = lambda: [k for k in ray.get(owner.keys.remote()) if k.startswith(f"xcom_lifecycle/{dr.run_id}/")]

@@ -7,7 +7,9 @@ import json
 import sys
 from dataclasses import asdict
 
-from airflow_ray_provider.local_cluster import LocalClusterError, LocalRayCluster
+from airflow_ray_provider.config import DEFAULT_CONN_ID
+from airflow_ray_provider.exceptions import LocalClusterError
+from airflow_ray_provider.local_cluster import LocalRayCluster
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,18 +23,18 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument("--json", action="store_true", help="print the state as JSON")
     xcom = sub.add_parser("xcom", help="XComs held in Ray by RayXComBackend")
     xcom.add_argument("action", choices=["gc"])
-    xcom.add_argument("--conn-id", default="ray_default", help="the ray connection (default: ray_default)")
+    xcom.add_argument("--conn-id", default=DEFAULT_CONN_ID, help=f"the ray connection (default: {DEFAULT_CONN_ID})")
     xcom.add_argument("--retention", type=float, help="seconds after a run finished to keep its objects "
                       "(default: [ray] xcom_retention; negative keeps them until their rows are deleted)")
     xcom.add_argument("--grace", type=float, default=600.0, help="seconds to keep unreferenced new objects")
     xcom.add_argument("--dry-run", action="store_true", help="report, release nothing")
     upkeep = sub.add_parser("upkeep", help="what the listener runs after DAG runs: xcom gc (with the Ray XCom "
                             "backend) and checkpoints prune (with [ray] checkpoint_retention >= 0)")
-    upkeep.add_argument("--conn-id", default="ray_default", help="the ray connection (default: ray_default)")
+    upkeep.add_argument("--conn-id", default=DEFAULT_CONN_ID, help=f"the ray connection (default: {DEFAULT_CONN_ID})")
     ckpt = sub.add_parser("checkpoints", help="durable task checkpoints (checkpoint=True)")
     ckpt.add_argument("action", choices=["list", "delete", "prune"],
                       help="list them; delete one DAG run's; prune those older than the retention")
-    ckpt.add_argument("--ray-conn-id", default="ray_default", help="the ray connection whose checkpoint_path to use")
+    ckpt.add_argument("--ray-conn-id", default=DEFAULT_CONN_ID, help="the ray connection whose checkpoint_path to use")
     ckpt.add_argument("--path", help="checkpoint root instead of the connection's (e.g. s3://bucket/prefix)")
     ckpt.add_argument("--conn-id", help="Airflow connection with the store's credentials (e.g. an aws connection)")
     ckpt.add_argument("--dag-id", help="list: only this DAG; delete: required")
@@ -45,8 +47,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _checkpoints(args: argparse.Namespace) -> int:
-    from airflow_ray_provider import checkpoint
-    from airflow_ray_provider.storage import checkpoint_retention, make_store, store_for
+    from airflow_ray_provider.cluster import checkpoint
+    from airflow_ray_provider.config import checkpoint_retention
+    from airflow_ray_provider.storage import make_store, store_for
 
     store = make_store(args.path, args.conn_id) if args.path else store_for(args.ray_conn_id, None, args.conn_id)[0]
     if args.action == "list":
@@ -74,8 +77,8 @@ def _checkpoints(args: argparse.Namespace) -> int:
 
 
 def _upkeep(args: argparse.Namespace) -> int:
+    from airflow_ray_provider.config import checkpoint_retention
     from airflow_ray_provider.plugins import ray_xcom_backend_configured
-    from airflow_ray_provider.storage import checkpoint_retention
 
     status = 0
     if ray_xcom_backend_configured():
@@ -86,7 +89,7 @@ def _upkeep(args: argparse.Namespace) -> int:
 
 
 def _xcom(args: argparse.Namespace) -> int:
-    from airflow_ray_provider.retention import collect_garbage
+    from airflow_ray_provider.xcom.retention import collect_garbage
 
     report = collect_garbage(conn_id=args.conn_id, retention_s=args.retention, grace_s=args.grace,
                              dry_run=args.dry_run)
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.group == "upkeep":
         return _upkeep(args)
     if args.group == "checkpoints":
-        from airflow_ray_provider.checkpoint import CheckpointError
+        from airflow_ray_provider.exceptions import CheckpointError
 
         try:
             return _checkpoints(args)

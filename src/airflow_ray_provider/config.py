@@ -1,4 +1,9 @@
-"""The ``[ray]`` settings of the Airflow configuration that the provider's security depends on.
+"""The ``[ray]`` section of the Airflow configuration: every option's getter and default, in one place.
+
+Getters read the configuration each time they are called (no cache): tests and long-lived
+processes see a changed ``AIRFLOW__RAY__*`` value at once, and reading it costs microseconds.
+The options are declared for the UI and ``airflow config list`` in ``get_provider_info.py``,
+whose defaults come from the constants here.
 
 ``[ray] secret_key`` (``AIRFLOW__RAY__SECRET_KEY``) signs every XCom reference and
 checkpoint manifest. Like ``[core] fernet_key``, every component that runs tasks or
@@ -15,10 +20,62 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import Any
 
-from airflow_ray_provider.signing import MIN_SECRET_BYTES, SigningError
+from airflow_ray_provider.cluster.signing import MIN_SECRET_BYTES
+from airflow_ray_provider.exceptions import SigningError
 
 SECRET_FILE = "secret_key"
+SECTION = "ray"
+
+DEFAULT_CONN_ID = "ray_default"  # the ``ray`` connection a task, the backend and the CLI use unless told
+DEFAULT_XCOM_THRESHOLD = 1024 * 1024  # bytes: smaller results are stored in the metadata DB as usual
+DEFAULT_XCOM_RETENTION_S = 86_400.0  # how long a run's objects stay in Ray after the run ends
+DEFAULT_GC_INTERVAL_S = 300.0  # how often the scheduler plugin starts ``airflow-ray upkeep``
+DEFAULT_CHECKPOINT_RETENTION_S = -1.0  # negative: checkpoints are never pruned
+DEFAULT_CHECKPOINT_FOLDER = "ray-checkpoints"  # under $AIRFLOW_HOME when no checkpoint_path is set
+
+
+def _conf() -> Any:
+    from airflow.sdk.configuration import conf
+
+    return conf
+
+
+def xcom_conn_id() -> str:
+    """``[ray] xcom_conn_id``: the connection the XCom backend and its garbage collection use."""
+    return _conf().get(SECTION, "xcom_conn_id", fallback=DEFAULT_CONN_ID) or DEFAULT_CONN_ID
+
+
+def xcom_threshold() -> int:
+    """``[ray] xcom_threshold``: results of ``@task.ray`` below this many bytes go to the DB."""
+    return _conf().getint(SECTION, "xcom_threshold", fallback=DEFAULT_XCOM_THRESHOLD)
+
+
+def xcom_retention() -> float:
+    """``[ray] xcom_retention``: seconds a finished run's objects stay in Ray."""
+    return _conf().getfloat(SECTION, "xcom_retention", fallback=DEFAULT_XCOM_RETENTION_S)
+
+
+def xcom_gc_interval() -> float:
+    """``[ray] xcom_gc_interval``: seconds between upkeep runs (negative: never)."""
+    return _conf().getfloat(SECTION, "xcom_gc_interval", fallback=DEFAULT_GC_INTERVAL_S)
+
+
+def ship_cluster_code() -> bool:
+    """``[ray] ship_cluster_code``: ship the cluster-side package with every driver (``bundle.py``)."""
+    return _conf().getboolean(SECTION, "ship_cluster_code", fallback=True)
+
+
+def checkpoint_path() -> str:
+    """``[ray] checkpoint_path``, else ``$AIRFLOW_HOME/ray-checkpoints``."""
+    configured = _conf().get(SECTION, "checkpoint_path", fallback="") or ""
+    return configured or os.path.join(os.path.abspath(airflow_home()), DEFAULT_CHECKPOINT_FOLDER)
+
+
+def checkpoint_retention() -> float:
+    """``[ray] checkpoint_retention``: seconds to keep checkpoints (negative: forever)."""
+    return _conf().getfloat(SECTION, "checkpoint_retention", fallback=DEFAULT_CHECKPOINT_RETENTION_S)
 
 
 def airflow_home() -> Path:
@@ -27,9 +84,7 @@ def airflow_home() -> Path:
 
 def secret_key() -> bytes:
     """The deployment's signing secret: ``[ray] secret_key``, else the generated key file."""
-    from airflow.sdk.configuration import conf
-
-    configured = conf.get("ray", "secret_key", fallback="") or ""
+    configured = _conf().get(SECTION, "secret_key", fallback="") or ""
     return _secret(configured, str(airflow_home()))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_ray_provider import __version__
+from airflow_ray_provider import __version__, config
 
 
 def get_provider_info() -> dict[str, Any]:
@@ -20,10 +20,10 @@ def get_provider_info() -> dict[str, Any]:
                 "tags": ["software"],
             }
         ],
-        "hooks": [{"integration-name": "Ray", "python-modules": ["airflow_ray_provider.hooks"]}],
+        "hooks": [{"integration-name": "Ray", "python-modules": ["airflow_ray_provider.hooks.ray"]}],
         "connection-types": [
             {
-                "hook-class-name": "airflow_ray_provider.hooks.RayHook",
+                "hook-class-name": "airflow_ray_provider.hooks.ray.RayHook",
                 "hook-name": "Ray",
                 "connection-type": "ray",
                 "conn-fields": {
@@ -92,7 +92,7 @@ def get_provider_info() -> dict[str, Any]:
                 },
             }
         ],
-        "task-decorators": [{"class-name": "airflow_ray_provider.decorators.ray_task", "name": "ray"}],
+        "task-decorators": [{"class-name": "airflow_ray_provider.decorators.ray.ray_task", "name": "ray"}],
         "config": {
             "ray": {
                 "description": "Ray provider settings (the XCom backend airflow_ray_provider.xcom.RayXComBackend).",
@@ -104,14 +104,23 @@ def get_provider_info() -> dict[str, Any]:
                         "version_added": "0.1.0",
                         "type": "integer",
                         "example": "1048576",
-                        "default": "1048576",
+                        "default": str(config.DEFAULT_XCOM_THRESHOLD),
                     },
                     "xcom_conn_id": {
                         "description": "The ray connection used for plain tasks' large XCom values.",
                         "version_added": "0.1.0",
                         "type": "string",
-                        "example": "ray_default",
-                        "default": "ray_default",
+                        "example": config.DEFAULT_CONN_ID,
+                        "default": config.DEFAULT_CONN_ID,
+                    },
+                    "ship_cluster_code": {
+                        "description": "Ship the provider's cluster-side code (airflow_ray_provider.cluster) to the "
+                        "Ray cluster with every connection, as a runtime_env py_module, so Ray nodes need only Ray. "
+                        "False: the nodes must have this same provider version installed.",
+                        "version_added": "0.2.0",
+                        "type": "boolean",
+                        "example": "True",
+                        "default": "True",
                     },
                     "xcom_gc_interval": {
                         "description": "When a DAG run finishes, the provider's listener starts `airflow-ray xcom gc` "
@@ -120,7 +129,7 @@ def get_provider_info() -> dict[str, Any]:
                         "version_added": "0.1.0",
                         "type": "float",
                         "example": "300",
-                        "default": "300",
+                        "default": f"{config.DEFAULT_GC_INTERVAL_S:g}",
                     },
                     "checkpoint_path": {
                         "description": "Default checkpoint root when the ray connection sets none. Empty: "
@@ -136,7 +145,7 @@ def get_provider_info() -> dict[str, Any]:
                         "version_added": "0.1.0",
                         "type": "float",
                         "example": "604800",
-                        "default": "-1",
+                        "default": f"{config.DEFAULT_CHECKPOINT_RETENTION_S:g}",
                     },
                     "xcom_retention": {
                         "description": "Seconds after a DAG run finished before `airflow-ray xcom gc` releases its "
@@ -144,7 +153,7 @@ def get_provider_info() -> dict[str, Any]:
                         "version_added": "0.1.0",
                         "type": "float",
                         "example": "86400",
-                        "default": "86400",
+                        "default": f"{config.DEFAULT_XCOM_RETENTION_S:g}",
                     },
                 },
             }

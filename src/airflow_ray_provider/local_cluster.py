@@ -37,6 +37,11 @@ from pathlib import Path
 import psutil
 from filelock import FileLock
 
+from airflow_ray_provider.cluster import ray_compat
+from airflow_ray_provider.cluster.ray_compat import LOOPBACK_ONLY_ENV
+from airflow_ray_provider.config import airflow_home
+from airflow_ray_provider.exceptions import LocalClusterError
+
 START_TIMEOUT_S = 120.0
 # Every Airflow task process is a new Ray driver, and by default Ray prestarts idle workers
 # for each new driver's job. Ours never run tasks themselves (the owner actor submits them),
@@ -51,7 +56,7 @@ LOOPBACK = "127.0.0.1"
 # get_node_ip_address() returns 127.0.0.1, and each server sees a loopback node IP and binds loopback
 # only (e.g. dashboard/agent.py, util/client/server/server.py: `is_localhost(ip)`). The switch also
 # makes `ray start --address` refuse to join other nodes to *this* process's cluster, which it never does.
-LOOPBACK_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# (The switch and the constant are private Ray API: cluster/ray_compat.py.)
 TOKEN_FILE_NAME = "auth-token"
 _STATE_VERSION = 2
 _OLD_STATE_VERSIONS = frozenset({1})  # readable, but without process marks: never trusted for signalling
@@ -59,10 +64,6 @@ _MARKED_PROCESSES = ("gcs_server", "raylet")  # what identifies a head we starte
 _PRIVATE = 0o077  # group/other permission bits
 
 log = logging.getLogger(__name__)
-
-
-class LocalClusterError(RuntimeError):
-    """The embedded Ray head could not be started, found or stopped."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,6 @@ class LocalClusterState:
     processes: tuple[ProcessMark, ...] = field(default_factory=tuple)
 
 
-def airflow_home() -> Path:
-    return Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
 
 
 # Never handed out, even if the OS offers them: Redis's and the Airflow API server's usual ports.
@@ -249,9 +248,7 @@ def keep_loopback_addresses() -> None:
     process-wide switch only affects connections to that (local) cluster.
     """
     os.environ.update(LOOPBACK_ONLY_ENV)
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None:
-        constants.ENABLE_RAY_CLUSTER = False
+    ray_compat.keep_loopback_addresses()
 
 
 def port_open(host: str, port: int, timeout: float = 2.0) -> bool:
@@ -281,8 +278,12 @@ class LocalRayCluster:
         object_store_memory: int | None = None,
         include_dashboard: bool = False,
         loopback_only: bool = True,
+        ray_command: str | None = None,
     ) -> None:
         self.home = Path(home) if home is not None else airflow_home() / "ray"
+        # The `ray` CLI that starts the head; another environment's (a stock-Ray virtualenv, another Ray
+        # version) in tests. Default: the one beside this Python.
+        self.ray_command = ray_command
         # False only for a head other Ray nodes must join (they cannot reach a loopback-only head, and
         # Ray refuses `ray start --address` under LOOPBACK_ONLY_ENV): it then binds all interfaces.
         self.loopback_only = loopback_only
@@ -514,7 +515,7 @@ class LocalRayCluster:
     def _start(self) -> LocalClusterState:
         (gcs, client, agent_listen, agent_grpc, runtime_env_agent, metrics, dashboard, node_manager,
          object_manager) = free_ports(9)
-        ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+        ray_bin = self.ray_command or shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
         if ray_bin is None:
             raise LocalClusterError("The `ray` command was not found; install ray[default] in this environment")
         ensure_private_dir(self.temp_dir)

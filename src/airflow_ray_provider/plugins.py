@@ -23,7 +23,6 @@ from airflow.plugins_manager import AirflowPlugin
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GC_INTERVAL_S = 300.0
 
 
 class _GcTrigger:
@@ -36,13 +35,11 @@ class _GcTrigger:
 
     @staticmethod
     def _enabled() -> float | None:
-        from airflow.configuration import conf
-
-        from airflow_ray_provider.storage import checkpoint_retention
+        from airflow_ray_provider.config import checkpoint_retention, xcom_gc_interval
 
         if not ray_xcom_backend_configured() and checkpoint_retention() < 0:
             return None
-        interval = conf.getfloat("ray", "xcom_gc_interval", fallback=DEFAULT_GC_INTERVAL_S)
+        interval = xcom_gc_interval()
         return None if interval < 0 else interval
 
     def maybe_start(self) -> bool:
@@ -56,9 +53,9 @@ class _GcTrigger:
             if self._last is not None and now - self._last < interval:
                 return False
             self._last = now
-            from airflow.configuration import conf
+            from airflow_ray_provider.config import xcom_conn_id
 
-            conn_id = conf.get("ray", "xcom_conn_id", fallback="ray_default") or "ray_default"
+            conn_id = xcom_conn_id()
             log_path = os.path.join(os.environ.get("AIRFLOW_HOME", "."), "airflow-ray-upkeep.log")
             with open(log_path, "ab") as out:
                 self._proc = subprocess.Popen(
@@ -72,7 +69,7 @@ class _GcTrigger:
 def ray_xcom_backend_configured() -> bool:
     from airflow.configuration import conf
 
-    from airflow_ray_provider.xcom import RayXComBackend
+    from airflow_ray_provider.xcom.backend import RayXComBackend
 
     try:
         backend = conf.getimport("core", "xcom_backend")

@@ -20,12 +20,10 @@ from typing import Any
 
 from ray import cloudpickle
 
+from airflow_ray_provider.exceptions import RaySerializationError
+
 _register_lock = threading.Lock()
 _PORTABLE_SCALARS = (str, int, float, bool, type(None), dt.datetime, dt.date, dt.timedelta, dt.time)
-
-
-class RaySerializationError(TypeError):
-    """Something a task sends to, or gets from, Ray cannot be pickled."""
 
 
 def _dags_folder() -> str | None:

@@ -9,30 +9,14 @@ no Airflow (and no connections) to ask.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from airflow_ray_provider.checkpoint import CheckpointError, Store, TaskCheckpoint, TaskKey
+from airflow_ray_provider.cluster.checkpoint import Store, TaskCheckpoint, TaskKey
+from airflow_ray_provider.config import checkpoint_path as default_root
+from airflow_ray_provider.exceptions import CheckpointError
 
-DEFAULT_FOLDER = "ray-checkpoints"
 # Storage protocols a checkpoint location read back from the metadata DB may use (no http, no memory://).
 STORAGE_PROTOCOLS = {"file", "local", "s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "hdfs", "oss"}
-
-
-def default_root() -> str:
-    from airflow.sdk.configuration import conf
-
-    configured = conf.get("ray", "checkpoint_path", fallback="") or ""
-    if configured:
-        return configured
-    home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
-    return os.path.join(os.path.abspath(home), DEFAULT_FOLDER)
-
-
-def checkpoint_retention() -> float:
-    from airflow.sdk.configuration import conf
-
-    return conf.getfloat("ray", "checkpoint_retention", fallback=-1.0)
 
 
 def store_for(ray_conn_id: str, path: str | None = None, conn_id: str | None = None) -> tuple[Store, str | None]:
@@ -40,7 +24,7 @@ def store_for(ray_conn_id: str, path: str | None = None, conn_id: str | None = N
 
     A task's own overrides win, then its ``ray`` connection's extras, then the default.
     """
-    from airflow_ray_provider.hooks import RayHook
+    from airflow_ray_provider.hooks.ray import RayHook
 
     settings = RayHook(ray_conn_id).settings
     root = path or settings.checkpoint_path or default_root()

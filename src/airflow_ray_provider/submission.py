@@ -12,11 +12,20 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from airflow_ray_provider import owner as owner_mod
-from airflow_ray_provider.serialization import RaySerializationError, dumps_callable, find_unpicklable
+from airflow_ray_provider.cluster import owner as owner_mod
+from airflow_ray_provider.cluster.owner import bounded_get
+from airflow_ray_provider.exceptions import (
+    RayConnectionError,
+    RayObjectLost,
+    RaySerializationError,
+    RayTaskCancelled,
+    RayTaskFailed,
+    RayWaitTimeout,
+)
+from airflow_ray_provider.serialization import dumps_callable, find_unpicklable
 
 if TYPE_CHECKING:
-    from airflow_ray_provider.worker import CheckpointJob
+    from airflow_ray_provider.cluster.worker import CheckpointJob
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _POLL_S = 1.0  # short, so Airflow's timeout signal and on_kill are handled promptly
@@ -39,47 +48,17 @@ CANCEL_TIMEOUT_S = 20.0
 _MIN_POLL_MARGIN_S = 4.0
 
 
-class RayTaskFailed(Exception):
-    """The callable raised inside Ray; the message carries the remote traceback."""
+def missing_provider(where: str) -> RayConnectionError:
+    """The cluster's Python cannot import the provider: shipping is off and the nodes lack it."""
+    from airflow_ray_provider import __version__
+    from airflow_ray_provider.config import ship_cluster_code
 
-
-class RayTaskCancelled(Exception):
-    """The Ray task was cancelled (timeout, kill, or its Airflow process stopped polling)."""
-
-
-class RayObjectLost(Exception):
-    """The owner actor no longer knows the key (released, or the actor or cluster restarted)."""
-
-
-class RayWaitTimeout(ray.exceptions.GetTimeoutError):
-    """A bounded wait on Ray gave up; the message names what was waited for, where, and for how long.
-
-    A ``GetTimeoutError`` (so a ``TimeoutError`` too), so code that caught Ray's own timeout still does.
-    """
-
-
-def cluster_address() -> str:
-    """The GCS address this process is connected to, for error messages."""
-    try:
-        return ray.get_runtime_context().gcs_address or "an unknown address"
-    except Exception as exc:  # noqa: BLE001 - only ever decorates another error message
-        log.debug("Could not read this process's Ray cluster address: %s", exc)
-        return "an unknown address"
-
-
-def bounded_get(ref: Any, *, timeout: float, what: str) -> Any:
-    """``ray.get(ref)`` that gives up after ``timeout`` seconds with a :class:`RayWaitTimeout`.
-
-    ``what`` names what the caller waited for, e.g. ``owner_mod.owner_label(namespace, shard)
-    + ": poll of key 'dag/run/task/-1/1/ab12cd34'"``; the message adds the timeout and the cluster.
-    Errors raised by the remote side (``RayTaskError``, ``RayActorError``...) pass through unchanged.
-    """
-    try:
-        return ray.get(ref, timeout=timeout)
-    except ray.exceptions.GetTimeoutError as exc:
-        raise RayWaitTimeout(
-            f"No answer from {what} within {timeout:g}s (Ray cluster at {cluster_address()})"
-        ) from exc
+    why = ("[ray] ship_cluster_code is False" if not ship_cluster_code()
+           else "the shipped code did not reach that node")
+    return RayConnectionError(
+        f"{where} could not start: the Ray cluster cannot import airflow_ray_provider ({why}, and the node has "
+        f"no copy installed). Set [ray] ship_cluster_code = True (the default: the provider ships its "
+        f"cluster-side code with each connection), or install airflow-ray-provider=={__version__} on every node")
 
 
 class RayTaskRun:
@@ -117,6 +96,10 @@ class RayTaskRun:
                                what=f"{self.owner_label}: {method} of Ray task {self.task_label} (key {self.key})")
         except RayWaitTimeout:
             self.owner_unresponsive = True
+            raise
+        except ray.exceptions.RayActorError as exc:
+            if "No module named 'airflow_ray_provider" in str(exc):
+                raise missing_provider(self.owner_label) from exc
             raise
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],

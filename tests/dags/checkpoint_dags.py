@@ -84,7 +84,7 @@ def ckpt_progress():
 
     @task.ray(checkpoint=True, retries=1, retry_delay=NO_DELAY)
     def train(params: dict, try_number: str) -> dict:
-        from airflow_ray_provider.checkpoint import current
+        from airflow_ray_provider.cluster.checkpoint import current
 
         ckpt = current()
         state = ckpt.load("progress", default={"epoch": 0, "done": []})

@@ -11,7 +11,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import dag, task
 
-from airflow_ray_provider.decorators import ray_task
+from airflow_ray_provider.decorators.ray import ray_task
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
 SCALE = 10

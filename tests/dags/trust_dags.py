@@ -55,8 +55,8 @@ def forged_row(run_id: str, root: str, marker: str) -> str:
     They plant a checkpoint (with the provider's own code, signed with a key of their own) and
     a reference to it whose digest is right. Only the signatures can give it away.
     """
-    from airflow_ray_provider.checkpoint import Store, TaskCheckpoint, TaskKey
-    from airflow_ray_provider.reference import Location, Origin, RayObject, signed_json
+    from airflow_ray_provider.cluster.checkpoint import Store, TaskCheckpoint, TaskKey
+    from airflow_ray_provider.xcom.reference import Location, Origin, RayObject, signed_json
 
     planted = TaskCheckpoint(Store(root, secret=ATTACKER_KEY), TaskKey("xcom_trust", run_id, "victim_f", -1))
     info = planted.write_result(Bomb(marker))

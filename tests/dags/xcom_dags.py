@@ -169,8 +169,8 @@ def xcom_lost():
         """Drop produce's object from its owner, as a cluster restart would."""
         import ray
 
-        from airflow_ray_provider.hooks import RayHook
-        from airflow_ray_provider.owner import get_owner
+        from airflow_ray_provider.cluster.owner import get_owner
+        from airflow_ray_provider.hooks.ray import RayHook
 
         hook = RayHook()
         hook.get_conn()

@@ -1,10 +1,11 @@
-"""``@task.ray``: run a TaskFlow callable as a Ray task.
+"""``RayPythonOperator``: a ``PythonOperator`` whose callable runs as a Ray task.
 
-Built like the standard provider's ``@task``: a ``DecoratedOperator`` over
-``PythonOperator``, so templating, ``multiple_outputs``, ``.override()``,
-``.partial()/.expand()`` and every operator argument behave as users expect.
-Only the call itself moves: the callable is cloudpickled, submitted by the
-owner actor, and its output streamed back into the task log.
+It works on its own (``RayPythonOperator(task_id=..., python_callable=f, num_cpus=2)``)
+and is what ``@task.ray`` (:mod:`airflow_ray_provider.decorators.ray`) decorates, as the
+standard provider's ``@task`` decorates ``PythonOperator``: templating, ``multiple_outputs``,
+``.override()``, ``.partial()/.expand()`` and every operator argument behave as users expect.
+Only the call itself moves: the callable is cloudpickled, submitted by the owner actor,
+and its output streamed back into the task log.
 """
 
 from __future__ import annotations
@@ -14,22 +15,21 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.operators.python import PythonOperator
-from airflow.sdk.bases.decorator import DecoratedOperator, task_decorator_factory
 
-from airflow_ray_provider.hooks import RayHook
-from airflow_ray_provider.reference import Location, Origin, RayObject, RayObjectDict, RayObjectList
+from airflow_ray_provider.bundle import with_shipped_code
+from airflow_ray_provider.hooks.ray import RayHook
+from airflow_ray_provider.hooks.settings import merge_runtime_env
 from airflow_ray_provider.serialization import is_portable
-from airflow_ray_provider.settings import merge_runtime_env
+from airflow_ray_provider.xcom.reference import Location, Origin, RayObject, RayObjectDict, RayObjectList
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-    from airflow.sdk.bases.decorator import TaskDecorator
 
+    from airflow_ray_provider.cluster.worker import CheckpointJob
     from airflow_ray_provider.submission import RayTaskRun
-    from airflow_ray_provider.worker import CheckpointJob
 
 
-class RayDecoratedOperator(DecoratedOperator, PythonOperator):
+class RayPythonOperator(PythonOperator):
     """Runs ``python_callable`` on a Ray cluster and returns its result.
 
     :param ray_conn_id: the ``ray`` connection (default ``ray_default``; absent means embedded).
@@ -43,7 +43,7 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
     :param checkpoint: write the result durably (the Ray worker writes it before the task
         succeeds), restore it when the object store lost it, and reuse it instead of
         recomputing when the task runs again in the same DAG run with the same inputs.
-        Inside the callable, ``airflow_ray_provider.checkpoint.current()`` saves and loads progress.
+        Inside the callable, ``airflow_ray_provider.cluster.checkpoint.current()`` saves and loads progress.
     :param checkpoint_path: the checkpoint root for this task (default: the ``ray``
         connection's ``checkpoint_path`` extra, else ``$AIRFLOW_HOME/ray-checkpoints``).
     :param checkpoint_conn_id: the Airflow connection with the store's credentials (e.g. ``aws``).
@@ -53,7 +53,8 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
     template_fields: Sequence[str] = ("templates_dict", "op_args", "op_kwargs", "runtime_env")
     template_fields_renderers = {"templates_dict": "json", "op_args": "py", "op_kwargs": "py",
                                  "runtime_env": "json"}
-    custom_operator_name = "@task.ray"
+    # How the XCom backend tells a Ray task from others without importing this class (no import cycle).
+    runs_on_ray = True
 
     def __init__(
         self,
@@ -101,7 +102,6 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
         self._ray_identity: dict[str, Any] = {}
         self._store_conn_id: str | None = None
         super().__init__(
-            kwargs_to_upstream={"python_callable": python_callable, "op_args": op_args, "op_kwargs": op_kwargs},
             python_callable=python_callable,
             op_args=op_args,
             op_kwargs=op_kwargs,
@@ -182,7 +182,7 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
                 options[name] = value
         if self.ray_resources:
             options["resources"] = self.ray_resources
-        runtime_env = merge_runtime_env(settings.runtime_env, self.runtime_env)
+        runtime_env = with_shipped_code(merge_runtime_env(settings.runtime_env, self.runtime_env))
         if runtime_env:
             options["runtime_env"] = runtime_env
         ident = self._ray_identity
@@ -216,9 +216,9 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
             self._ray_run = None
 
     def _checkpoint_job(self) -> CheckpointJob:
-        from airflow_ray_provider.checkpoint import TaskCheckpoint, TaskKey
+        from airflow_ray_provider.cluster.checkpoint import TaskCheckpoint, TaskKey
+        from airflow_ray_provider.cluster.worker import CheckpointJob
         from airflow_ray_provider.storage import store_for
-        from airflow_ray_provider.worker import CheckpointJob
 
         ident = self._ray_identity
         store, self._store_conn_id = store_for(self.ray_conn_id, self.checkpoint_path, self.checkpoint_conn_id)
@@ -265,22 +265,6 @@ class RayDecoratedOperator(DecoratedOperator, PythonOperator):
         if run is not None:
             run.cancel()
 
-
-def ray_task(
-    python_callable: Callable[..., Any] | None = None,
-    multiple_outputs: bool | None = None,
-    **kwargs: Any,
-) -> TaskDecorator:
-    """Wrap a function into an Airflow task that runs on Ray; registered as ``@task.ray``.
-
-    Accepts the Ray options of :class:`RayDecoratedOperator` and every operator argument.
-    """
-    return task_decorator_factory(
-        python_callable=python_callable,
-        multiple_outputs=multiple_outputs,
-        decorated_operator_class=RayDecoratedOperator,
-        **kwargs,
-    )
 
 
 def _item(info: dict[str, Any], location: Location, origin: Origin, item: str | None,
@@ -340,7 +324,7 @@ def inputs_digest(value: Any) -> str:
 def ray_xcom_backend_active() -> bool:
     from airflow.sdk.execution_time.xcom import XCom
 
-    from airflow_ray_provider.xcom import RayXComBackend
+    from airflow_ray_provider.xcom.backend import RayXComBackend
 
     return isinstance(XCom, type) and issubclass(XCom, RayXComBackend)
 
@@ -350,8 +334,8 @@ def by_reference(value: Any, conn_id: str, namespace: str, task_label: str, log:
 
     Upstream objects the cluster lost are put back from their checkpoints first.
     """
-    from airflow_ray_provider.worker import UpstreamRef
-    from airflow_ray_provider.xcom import object_refs, worker_checkpoint
+    from airflow_ray_provider.cluster.worker import UpstreamRef
+    from airflow_ray_provider.xcom.backend import object_refs, worker_checkpoint
 
     found: list[RayObject] = []
 

@@ -1,4 +1,4 @@
-"""``python -m airflow_ray_provider.probe ADDRESS NAMESPACE TIMEOUT``: connect once and describe the cluster.
+"""``python -m airflow_ray_provider.hooks.probe ADDRESS NAMESPACE TIMEOUT``: connect once and describe the cluster.
 
 Runs in a throwaway process for ``RayHook.test_connection`` so the API server never becomes a Ray driver.
 """
@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import sys
 
-from airflow_ray_provider.hooks import _connect_bounded
-from airflow_ray_provider.settings import RayConnectionError, RaySettings, parse_address
+from airflow_ray_provider.exceptions import RayConnectionError
+from airflow_ray_provider.hooks.ray import _connect_bounded
+from airflow_ray_provider.hooks.settings import RaySettings, parse_address
 
 
 def main(argv: list[str]) -> int:

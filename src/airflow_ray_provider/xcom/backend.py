@@ -33,7 +33,9 @@ from typing import Any
 
 from airflow.sdk.bases.xcom import BaseXCom
 
-from airflow_ray_provider.reference import (
+from airflow_ray_provider.config import xcom_conn_id, xcom_threshold
+from airflow_ray_provider.exceptions import RayConnectionError, RayXComObjectLost, RayXComReferenceError
+from airflow_ray_provider.xcom.reference import (
     MARKER,
     AnyReference,
     Location,
@@ -41,32 +43,14 @@ from airflow_ray_provider.reference import (
     RayObject,
     RayObjectDict,
     RayObjectList,
-    RayXComObjectLost,
-    RayXComReferenceError,
     all_objects,
     is_reference,
     parse_reference,
     signed_json,
     with_origin,
 )
-from airflow_ray_provider.settings import RayConnectionError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_THRESHOLD = 1024 * 1024
-
-
-def xcom_threshold() -> int:
-    from airflow.sdk.configuration import conf
-
-    return conf.getint("ray", "xcom_threshold", fallback=DEFAULT_THRESHOLD)
-
-
-def xcom_conn_id() -> str:
-    from airflow.sdk.configuration import conf
-
-    return conf.get("ray", "xcom_conn_id", fallback="ray_default") or "ray_default"
-
 
 @dataclass(frozen=True)
 class Read:
@@ -192,19 +176,17 @@ def consumer_is_ray_task() -> bool:
         context = get_current_context()
     except Exception:  # noqa: BLE001 - no task context: API server, notebook, CLI
         return False
-    from airflow_ray_provider.decorators import RayDecoratedOperator
-
     ti = context.get("ti")
     task = getattr(ti, "task", None) or context.get("task")
-    if isinstance(task, RayDecoratedOperator):
+    if getattr(task, "runs_on_ray", False) is True:  # RayPythonOperator and @task.ray, mapped or not
         return True
-    operator_class = getattr(task, "operator_class", None)
-    return isinstance(operator_class, type) and issubclass(operator_class, RayDecoratedOperator)
+    operator_class = getattr(task, "operator_class", None)  # a mapped task before it unmaps
+    return isinstance(operator_class, type) and getattr(operator_class, "runs_on_ray", False) is True
 
 
 # -- talking to the owners ------------------------------------------------------------------
 def _connect(location: Location) -> None:
-    from airflow_ray_provider.hooks import RayHook
+    from airflow_ray_provider.hooks.ray import RayHook
 
     hook = RayHook(location.conn_id)
     if hook.settings.namespace != location.namespace:
@@ -216,7 +198,7 @@ def _connect(location: Location) -> None:
 
 
 def _owner(location: Location) -> Any:
-    from airflow_ray_provider.owner import get_owner
+    from airflow_ray_provider.cluster.owner import get_owner
 
     return get_owner(location.namespace, location.owner)
 
@@ -234,7 +216,7 @@ def object_refs(objects: list[RayObject], restore_log: Any = None) -> list[Any]:
     first put back into the object store (under their old key) from that checkpoint.
     """
 
-    from airflow_ray_provider.owner import owner_label
+    from airflow_ray_provider.cluster.owner import owner_label
     from airflow_ray_provider.submission import OWNER_CALL_TIMEOUT_S, bounded_get
 
     by_owner: dict[Location, list[int]] = {}
@@ -258,8 +240,8 @@ def object_refs(objects: list[RayObject], restore_log: Any = None) -> list[Any]:
 
 def checkpoint_of_object(obj: RayObject) -> Any:
     """The upstream task's :class:`~.checkpoint.TaskCheckpoint`, rebuilt from the reference and validated."""
-    from airflow_ray_provider.checkpoint import CheckpointError
-    from airflow_ray_provider.hooks import RayHook
+    from airflow_ray_provider.exceptions import CheckpointError
+    from airflow_ray_provider.hooks.ray import RayHook
     from airflow_ray_provider.storage import checkpoint_of
 
     assert obj.checkpoint is not None
@@ -280,8 +262,8 @@ def worker_checkpoint(obj: RayObject) -> tuple[Any, int | None, str] | None:
 def _restore_into_ray(obj: RayObject, log: Any) -> Any:
     """Load ``obj`` from its checkpoint in a Ray task the owner actor submits, under the same key."""
 
-    from airflow_ray_provider.checkpoint import restore_result
-    from airflow_ray_provider.hooks import RayHook
+    from airflow_ray_provider.cluster.checkpoint import restore_result
+    from airflow_ray_provider.hooks.ray import RayHook
     from airflow_ray_provider.submission import OWNER_CALL_TIMEOUT_S, RayTaskRun, bounded_get
 
     assert obj.checkpoint is not None
@@ -353,7 +335,7 @@ def fetch(ref: AnyReference) -> Any:
 def release(objects: Iterable[RayObject]) -> int:
     """Let Ray free these objects; returns how many the owners still held."""
 
-    from airflow_ray_provider.owner import owner_label
+    from airflow_ray_provider.cluster.owner import owner_label
     from airflow_ray_provider.submission import OWNER_CALL_TIMEOUT_S, bounded_get
 
     by_owner: dict[Location, list[str]] = {}
@@ -372,9 +354,9 @@ def put_value(value: Any, origin: Origin, xcom_key: str) -> RayObject:
     """Put a plain task's large value into Ray, owned by an owner actor so it outlives this process."""
     import ray
 
-    from airflow_ray_provider.describe import describe
-    from airflow_ray_provider.hooks import RayHook
-    from airflow_ray_provider.owner import get_owner, owner_label, shard_for
+    from airflow_ray_provider.cluster.describe import describe
+    from airflow_ray_provider.cluster.owner import get_owner, owner_label, shard_for
+    from airflow_ray_provider.hooks.ray import RayHook
     from airflow_ray_provider.submission import FETCH_TIMEOUT_S, bounded_get
 
     conn_id = xcom_conn_id()

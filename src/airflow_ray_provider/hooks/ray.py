@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -15,6 +16,11 @@ from typing import Any
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
+from airflow_ray_provider.bundle import driver_runtime_env
+from airflow_ray_provider.cluster import ray_compat
+from airflow_ray_provider.config import DEFAULT_CONN_ID
+from airflow_ray_provider.exceptions import RayConnectionError, RayVersionMismatch
+from airflow_ray_provider.hooks.settings import AUTO, LOCAL, RayAddress, RaySettings
 from airflow_ray_provider.local_cluster import (
     LocalRayCluster,
     is_loopback_host,
@@ -23,7 +29,6 @@ from airflow_ray_provider.local_cluster import (
     set_provider_auth_env,
     user_environ,
 )
-from airflow_ray_provider.settings import AUTO, LOCAL, RayAddress, RayConnectionError, RaySettings
 
 _connect_lock = threading.Lock()
 # This process's Ray connection, recorded by get_conn: conn_id, address (as given to ray.init), namespace,
@@ -33,7 +38,7 @@ _connected: dict[str, str | None] = {}
 # How long the pre-reuse check waits for the GCS behind the connection to say which cluster it is.
 _CLUSTER_CHECK_TIMEOUT_S = 5.0
 # A week, in seconds (fits Ray's int32 config even as milliseconds); see _connect_bounded.
-_GCS_RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
+_GCS_RECONNECT_ENV = ray_compat.GCS_RECONNECT_TIMEOUT_ENV
 _DRIVER_GCS_RECONNECT_TIMEOUT_S = str(7 * 24 * 3600)
 
 
@@ -46,7 +51,7 @@ class RayHook(BaseHook):
     """
 
     conn_name_attr = "ray_conn_id"
-    default_conn_name = "ray_default"
+    default_conn_name = DEFAULT_CONN_ID
     conn_type = "ray"
     hook_name = "Ray"
 
@@ -189,7 +194,7 @@ class RayHook(BaseHook):
         env = {**user_environ(), "RAY_USAGE_STATS_ENABLED": "0"}
         if settings.auth_token:
             env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=settings.auth_token)
-        cmd = [sys.executable, "-m", "airflow_ray_provider.probe", target, settings.namespace,
+        cmd = [sys.executable, "-m", "airflow_ray_provider.hooks.probe", target, settings.namespace,
                str(settings.connect_timeout)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -251,12 +256,7 @@ _SAME, _REPLACED, _UNREACHABLE = "same", "replaced", "unreachable"
 def _joined_cluster() -> tuple[str | None, str | None]:
     """``(gcs_address, cluster_id hex)`` of the cluster this driver is connected to; ``(None, None)`` for
     Ray Client (``ray://``), whose driver runs in the cluster's client server, not here."""
-    import ray
-
-    node = getattr(ray._private.worker.global_worker, "node", None)
-    if node is None:
-        return None, None
-    return node.gcs_address, node.cluster_id.hex()
+    return ray_compat.joined_cluster()
 
 
 def _cluster_status(connected: dict[str, str | None], timeout: float) -> tuple[str, str]:
@@ -277,10 +277,8 @@ def _cluster_status(connected: dict[str, str | None], timeout: float) -> tuple[s
     outcome: dict[str, Any] = {}
 
     def _ask() -> None:
-        from ray._raylet import InnerGcsClient
-
         try:
-            outcome["id"] = InnerGcsClient.standalone(gcs_address, None, int(timeout * 1000)).cluster_id.hex()
+            outcome["id"] = ray_compat.cluster_id_at(gcs_address, timeout)
         except Exception as exc:  # noqa: BLE001 - classified below
             outcome["error"] = exc
 
@@ -337,11 +335,8 @@ _NO_SIGTERM_WARNING = _NoSigtermWarning()  # one instance: addFilter ignores an 
 def _reload_ray_auth_config() -> None:
     """Ray reads ``RAY_AUTH_MODE`` and the token when it is imported, long before a task picks its
     connection; without a reload the token set above is never sent and the cluster refuses the driver.
-    This is what Ray's own ``ray start`` does after enabling token auth (a private API, pinned Ray)."""
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
+    This is what Ray's own ``ray start`` does after enabling token auth (private API: ``ray_compat``)."""
+    ray_compat.reload_auth_config()
 
 
 def _connect_bounded(target: str, settings: RaySettings) -> None:
@@ -353,7 +348,7 @@ def _connect_bounded(target: str, settings: RaySettings) -> None:
     """
     import ray
 
-    logging.getLogger("ray._private.worker").addFilter(_NO_SIGTERM_WARNING)
+    logging.getLogger(ray_compat.WORKER_LOGGER).addFilter(_NO_SIGTERM_WARNING)
 
     started = time.monotonic()
     address = settings.address if settings.address.kind != LOCAL else RayAddress("gcs")
@@ -374,10 +369,12 @@ def _connect_bounded(target: str, settings: RaySettings) -> None:
     if own_reconnect_timeout:
         os.environ[_GCS_RECONNECT_ENV] = _DRIVER_GCS_RECONNECT_TIMEOUT_S
 
+    runtime_env = driver_runtime_env()  # the provider's cluster-side code (bundle.py)
+
     def _init() -> None:
         try:
             ray.init(address=target, namespace=settings.namespace, log_to_driver=False,
-                     configure_logging=False)
+                     configure_logging=False, runtime_env=runtime_env)
             outcome["error"] = None
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             outcome["error"] = exc
@@ -399,7 +396,30 @@ def _connect_bounded(target: str, settings: RaySettings) -> None:
             given = "refused the token in the ray connection's password" if settings.auth_token else (
                 "requires a token (RAY_AUTH_MODE=token): put it in the ray connection's password")
             raise RayConnectionError(f"Cannot connect to the Ray cluster at {target}: the cluster {given}") from error
+        mismatch = version_mismatch(error)
+        if mismatch is not None:
+            raise RayVersionMismatch(f"Cannot connect to the Ray cluster at {target}: {mismatch}") from error
         raise RayConnectionError(f"Cannot connect to the Ray cluster at {target}: {error}") from error
+
+
+_RAY_MISMATCH = re.compile(r"Ray: (?P<cluster_ray>\S+)\s+Python: (?P<cluster_py>\S+).*?"
+                           r"Ray: (?P<ray>\S+)\s+Python: (?P<py>\S+)", re.S)
+
+
+def version_mismatch(error: BaseException | None) -> str | None:
+    """What differs, in words, when ``ray.init`` refused a cluster of another Ray or Python version."""
+    seen = 0
+    while error is not None and seen < 10:
+        found = _RAY_MISMATCH.search(str(error))
+        if found and "mismatch" in str(error).lower():
+            return (f"the cluster runs Ray {found['cluster_ray']} on Python {found['cluster_py']}, this process "
+                    f"runs Ray {found['ray']} on Python {found['py']}. Client and cluster need the same Ray "
+                    f"and Python versions (Ray compares Python to the patch level): install "
+                    f"ray=={found['cluster_ray']} here (the provider supports Ray "
+                    f"{', '.join(ray_compat.SUPPORTED_RAY)}), or run the cluster on Ray "
+                    f"{found['ray']} with Python {found['py']}")
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
 
 
 def _refused_token(error: BaseException | None) -> bool:

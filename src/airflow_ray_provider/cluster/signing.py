@@ -20,14 +20,12 @@ import hmac
 import json
 from typing import Any
 
+from airflow_ray_provider.exceptions import SigningError
+
 SCHEME = "hmac-sha256"
 REFERENCE = "airflow-ray/xcom-reference/v2"
 MANIFEST = "airflow-ray/checkpoint-manifest/v2"
 MIN_SECRET_BYTES = 32
-
-
-class SigningError(ValueError):
-    """A secret is missing or unusable; the message says where it comes from."""
 
 
 def canonical(payload: Any) -> bytes:

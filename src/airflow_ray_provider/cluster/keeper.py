@@ -12,24 +12,28 @@ The keeper is started inside the cluster by a detached launcher actor
 (``owner.KeeperLauncher``), so the same path serves the embedded head and a remote
 cluster, and no Airflow process has to outlive its task.
 
-    python -m airflow_ray_provider.keeper GCS_ADDRESS
+    python -m airflow_ray_provider.cluster.keeper GCS_ADDRESS
 
 This module runs inside the Ray cluster and must not import Airflow.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 
 import ray
 
-from airflow_ray_provider import owner
+from airflow_ray_provider.cluster import owner
 
 
 def main(argv: list[str]) -> int:
     address = argv[0]
-    ray.init(address=address, namespace=owner.SYSTEM_NAMESPACE, log_to_driver=False, configure_logging=False)
+    runtime_env = json.loads(os.environ.get(owner.KEEPER_RUNTIME_ENV) or "{}")
+    ray.init(address=address, namespace=owner.SYSTEM_NAMESPACE, log_to_driver=False, configure_logging=False,
+             runtime_env=runtime_env or None)
     # Not detached: the factory must die with this driver, so a dead keeper is noticed and replaced.
     factory = ray.remote(owner.OwnerFactory).options(
         name=owner.FACTORY_NAME, namespace=owner.SYSTEM_NAMESPACE, get_if_exists=True, num_cpus=0,

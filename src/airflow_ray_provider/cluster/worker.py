@@ -9,7 +9,6 @@ This module runs inside the Ray cluster and must not import Airflow.
 
 from __future__ import annotations
 
-import importlib
 import io
 import logging
 import os
@@ -27,8 +26,10 @@ import ray
 import ray.actor
 from ray import cloudpickle
 
-from airflow_ray_provider import checkpoint as ckpt
-from airflow_ray_provider.describe import describe
+from airflow_ray_provider.cluster import checkpoint as ckpt
+from airflow_ray_provider.cluster import ray_compat
+from airflow_ray_provider.cluster.describe import describe
+from airflow_ray_provider.exceptions import UpstreamObjectLost
 
 _FLUSH_INTERVAL_S = 0.2
 MAX_SPLIT_ITEMS = 100_000  # more than Airflow's max_map_length allows
@@ -62,10 +63,6 @@ class CheckpointJob:
     write: bool = True
     reuse: bool = True
     split: str | None = None  # "dict" / "auto": store items as separate files (see TaskCheckpoint.write_result)
-
-
-class UpstreamObjectLost(Exception):
-    """An upstream result is gone from the object store (its node or owner died)."""
 
 
 class _LogSink:
@@ -206,16 +203,12 @@ class _MadeByThisTry:
 def _tracking_what_this_try_makes(made: _MadeByThisTry) -> Iterator[None]:
     """While the callable runs, note what it creates; Ray's own entry points are restored afterwards.
 
-    Both ``placement_group()`` and every actor creation go through one function each; Tune, Train
-    and xgboost-ray import ``placement_group`` by name, so its implementation is swapped inside the
-    shared wrapper (``client_mode_wrap``'s closure) rather than on the module.
+    Both ``placement_group()`` and every actor creation go through one function each
+    (``ray_compat.placement_group_cell`` and ``ray_compat.actor_creation``).
     """
-    # The module, not ray.util.placement_group: ray.util re-exports the function under the module's name.
-    pg_wrapper = importlib.import_module("ray.util.placement_group").placement_group
-    cell = next((c for c in (pg_wrapper.__closure__ or ())
-                 if c.cell_contents is getattr(pg_wrapper, "__wrapped__", None)), None)
+    cell = ray_compat.placement_group_cell()
     create_pg = cell.cell_contents if cell is not None else None
-    create_actor = ray.actor.ActorClass._remote
+    create_actor = ray_compat.actor_creation()
 
     def recording_placement_group(*args: Any, **kwargs: Any) -> Any:
         pg = create_pg(*args, **kwargs)
@@ -241,11 +234,11 @@ def _tracking_what_this_try_makes(made: _MadeByThisTry) -> Iterator[None]:
               "will not be released if it dies", file=sys.stderr)
     else:
         cell.cell_contents = recording_placement_group
-    ray.actor.ActorClass._remote = recording_remote
+    ray_compat.set_actor_creation(recording_remote)
     try:
         yield
     finally:
-        ray.actor.ActorClass._remote = create_actor
+        ray_compat.set_actor_creation(create_actor)
         if cell is not None:
             cell.cell_contents = create_pg
 

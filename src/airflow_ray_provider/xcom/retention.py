@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_ray_provider.reference import RayXComReferenceError, all_objects, parse_reference
+from airflow_ray_provider.config import DEFAULT_CONN_ID, xcom_retention
+from airflow_ray_provider.exceptions import RayXComReferenceError
+from airflow_ray_provider.xcom.reference import all_objects, parse_reference
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RETENTION_S = 86_400.0
 DEFAULT_GRACE_S = 600.0
 
 
@@ -38,12 +39,6 @@ class GcReport:
     def summary(self) -> str:
         return (f"owners held {self.held} object(s); {self.referenced} referenced by live XComs, {self.expired} "
                 f"past retention; released {len(self.released)}; {self.malformed_rows} malformed row(s) skipped")
-
-
-def retention_seconds() -> float:
-    from airflow.configuration import conf
-
-    return conf.getfloat("ray", "xcom_retention", fallback=DEFAULT_RETENTION_S)
 
 
 def _references(session: Any, now: float, retention_s: float) -> tuple[set[str], set[str], int, set[Any]]:
@@ -75,18 +70,18 @@ def _references(session: Any, now: float, retention_s: float) -> tuple[set[str],
     return live, expired - live, malformed, locations
 
 
-def collect_garbage(*, conn_id: str = "ray_default", retention_s: float | None = None,
+def collect_garbage(*, conn_id: str = DEFAULT_CONN_ID, retention_s: float | None = None,
                     grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False, session: Any = None) -> GcReport:
     """Release objects held for ``conn_id``'s namespace that no live XCom row references.
 
     ``grace_s`` protects results whose XCom row is not written yet (a task that just finished).
     """
     from airflow_ray_provider import submission
-    from airflow_ray_provider.hooks import RayHook
-    from airflow_ray_provider.owner import get_owner, owner_label
+    from airflow_ray_provider.cluster.owner import get_owner, owner_label
+    from airflow_ray_provider.hooks.ray import RayHook
 
     if retention_s is None:
-        retention_s = retention_seconds()
+        retention_s = xcom_retention()
     now = time.time()
     if session is None:
         from airflow.utils.session import create_session

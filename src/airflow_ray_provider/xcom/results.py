@@ -9,18 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_ray_provider.reference import is_reference, parse_reference
-
-
-class ResultNotFound(LookupError):
-    """No run, no XCom and no checkpoint matched; the message names what was looked for."""
+from airflow_ray_provider.config import DEFAULT_CONN_ID
+from airflow_ray_provider.exceptions import ResultNotFound
+from airflow_ray_provider.xcom.reference import is_reference, parse_reference
 
 
 def load_result(dag_id: str, task_id: str, run_id: str | None = None, map_index: int = -1,
-                key: str = "return_value", ray_conn_id: str = "ray_default") -> Any:
+                key: str = "return_value", ray_conn_id: str = DEFAULT_CONN_ID) -> Any:
     """The result of ``task_id`` in ``run_id`` (default: the DAG's latest successful run).
 
-    >>> from airflow_ray_provider.results import load_result
+    >>> from airflow_ray_provider.xcom.results import load_result
     >>> frame = load_result("xgboost_higgs", "load_data")            # latest successful run
     >>> booster = load_result("xgboost_higgs", "train", run_id="manual__2026-11-24T05:00:00+00:00")
     """
@@ -36,7 +34,7 @@ def load_result(dag_id: str, task_id: str, run_id: str | None = None, map_index:
             XComModel.key == key, XComModel.map_index == map_index)).scalar_one_or_none()
     if raw is not None:
         if is_reference(raw):
-            from airflow_ray_provider.xcom import Read, check_origin, fetch
+            from airflow_ray_provider.xcom.backend import Read, check_origin, fetch
 
             ref = parse_reference(raw)
             check_origin(ref, Read(dag_id, task_id, run_id, map_index, key))
@@ -62,7 +60,8 @@ def latest_successful_run(dag_id: str) -> str:
 
 def _from_checkpoint(dag_id: str, task_id: str, run_id: str, map_index: int, key: str, ray_conn_id: str) -> Any:
     """No XCom row (a default XCom backend's row was cleared, or the task pushed none): try the checkpoint."""
-    from airflow_ray_provider.checkpoint import CheckpointNotFound, TaskCheckpoint, TaskKey
+    from airflow_ray_provider.cluster.checkpoint import TaskCheckpoint, TaskKey
+    from airflow_ray_provider.exceptions import CheckpointNotFound
     from airflow_ray_provider.storage import store_for
 
     where = f"dag {dag_id!r}, task {task_id!r}, run {run_id!r}, map index {map_index}, key {key!r}"

@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from airflow_ray_provider.signing import REFERENCE, sign, verify
+from airflow_ray_provider.cluster.signing import REFERENCE, sign, verify
+from airflow_ray_provider.exceptions import RayXComReferenceError
 
 MARKER = "__airflow_ray__"
 VERSION = 2  # 1 was unsigned; such rows are refused
@@ -32,14 +33,6 @@ _TOP_FIELDS = {MARKER, "version", "conn_id", "namespace", "owner", "origin", "ki
                "summary", "nodes", "checkpoint", "items", SIGNATURE}
 _ORIGIN_FIELDS = {"dag_id", "task_id", "run_id", "map_index", "xcom_key"}
 _ITEM_FIELDS = {"key", "type", "size", "summary", "nodes", "checkpoint"}
-
-
-class RayXComReferenceError(ValueError):
-    """A stored XCom reference is malformed or forged; nothing was fetched or unpickled."""
-
-
-class RayXComObjectLost(LookupError):
-    """The object a reference points to is gone from Ray (and no checkpoint restored it)."""
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_ray_provider import signing
+from airflow_ray_provider.cluster import signing
+from airflow_ray_provider.exceptions import CheckpointCorrupted, CheckpointError, CheckpointNotFound
 
 MANIFEST = "manifest.json"
 FORMAT = "airflow-ray-checkpoint"
@@ -53,18 +54,6 @@ _CODECS = {"npy": "npy", "parquet": "parquet", "arrow": "arrow", "pickle": "pkl"
 _CHUNK = 8 * 1024 * 1024
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(Exception):
-    """A checkpoint could not be written or read; the message names the location."""
-
-
-class CheckpointNotFound(CheckpointError):
-    """No committed checkpoint exists at the location."""
-
-
-class CheckpointCorrupted(CheckpointError):
-    """A checkpoint failed validation or its digest; nothing from it was deserialized."""
 
 
 def safe_component(text: str) -> str:
@@ -116,12 +105,20 @@ class Store:
             raise CheckpointError(f"Checkpoint root {self.root!r} must not contain '..'")
 
     def filesystem(self) -> tuple[Any, str]:
-        """The fsspec filesystem and the root path inside it."""
+        """The fsspec filesystem and the root path inside it.
+
+        ``s3://`` goes through s3fs where it is installed (the Airflow side), else through pyarrow's
+        own S3 filesystem (stock Ray images carry pyarrow and fsspec, not s3fs), given the same options.
+        """
         from fsspec.core import url_to_fs
 
         try:
             fs, path = url_to_fs(self.root, **dict(self.storage_options))
-        except (ImportError, ValueError) as exc:
+        except ImportError as exc:
+            if self.root.split("://", 1)[0] not in ("s3", "s3a"):
+                raise CheckpointError(f"Cannot open checkpoint root {self.root!r}: {exc}") from exc
+            return _arrow_s3(self.storage_options), self.root.split("://", 1)[1].rstrip("/")
+        except ValueError as exc:
             raise CheckpointError(f"Cannot open checkpoint root {self.root!r}: {exc}") from exc
         return fs, path.rstrip("/")
 
@@ -135,6 +132,31 @@ class Store:
         """A full URL for a path inside this store (for messages and references)."""
         scheme = self.root.split("://", 1)[0] if "://" in self.root else "file"
         return f"{scheme}://{path}"
+
+
+def _arrow_s3(options: Mapping[str, Any]) -> Any:
+    """pyarrow's S3 filesystem, as fsspec, from s3fs-style options (what ``storage.make_store`` gives)."""
+    from fsspec.implementations.arrow import ArrowFSWrapper
+    from pyarrow.fs import S3FileSystem
+
+    known = {"key", "secret", "token", "endpoint_url", "client_kwargs", "config_kwargs"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise CheckpointError(f"s3fs is not installed on this Ray node, and pyarrow's S3 filesystem cannot take "
+                              f"the checkpoint storage option(s) {unknown}; install s3fs on the nodes or drop them")
+    kwargs: dict[str, Any] = {}
+    if options.get("key"):
+        kwargs.update(access_key=options["key"], secret_key=options.get("secret"))
+        if options.get("token"):
+            kwargs["session_token"] = options["token"]
+    endpoint = options.get("endpoint_url")
+    if endpoint:
+        scheme, _, host = str(endpoint).rpartition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
+    region = (options.get("client_kwargs") or {}).get("region_name")
+    if region:
+        kwargs["region"] = region
+    return ArrowFSWrapper(S3FileSystem(**kwargs))
 
 
 @dataclass(frozen=True)
@@ -398,7 +420,7 @@ def current() -> TaskCheckpoint:
     """The checkpoint folder of the ``@task.ray`` task whose callable is running here."""
     found = _current.get()
     if found is None:
-        raise RuntimeError("airflow_ray_provider.checkpoint.current() works only inside a @task.ray callable")
+        raise RuntimeError("airflow_ray_provider.cluster.checkpoint.current() works only inside a @task.ray callable")
     return found
 
 

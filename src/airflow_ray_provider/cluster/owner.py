@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -31,7 +32,8 @@ from typing import Any
 
 import ray
 
-from airflow_ray_provider import worker
+from airflow_ray_provider.cluster import ray_compat, worker
+from airflow_ray_provider.exceptions import RayFeatureUnavailable, RayWaitTimeout
 
 OWNER_NAME_PREFIX = "airflow-ray-owner"
 SYSTEM_NAMESPACE = "airflow-ray-system"
@@ -45,6 +47,8 @@ _WATCH_INTERVAL_S = 0.02
 _CHEAP_FETCH_BYTES = 100 * 1024
 
 log = logging.getLogger(__name__)
+
+KEEPER_RUNTIME_ENV = "AIRFLOW_RAY_KEEPER_RUNTIME_ENV"  # JSON: the runtime_env of the keeper's job
 
 
 @dataclass
@@ -183,7 +187,7 @@ class TaskOwner:
         run.last_seen = time.monotonic()
         if not run.done.is_set() and len(run.logs) <= log_offset:
             run.changed.clear()
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError: the two differ on 3.10
                 await asyncio.wait_for(run.changed.wait(), timeout)
         run.last_seen = time.monotonic()
         new_logs = run.logs[log_offset:]
@@ -286,7 +290,7 @@ class TaskOwner:
         run.state = "cancelled"
         ray.cancel(run.ref, force=True, recursive=True)
         # Returns once Ray reports the task ended, so callers know nothing still runs.
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError: the two differ on 3.10
             await asyncio.wait_for(run.done.wait(), 10.0)
         # Normally _settle has released them; if Ray has not reported the end yet, the try is being killed anyway.
         self._release_made(run, "the try was cancelled")
@@ -366,8 +370,8 @@ class KeeperLauncher:
         # Never a predictable, world-readable name in /tmp: the log goes into this Ray session's logs dir
         # (inside the embedded head's 0700 temp dir), created 0600 with O_EXCL under a random name.
         try:
-            logs_dir = ray._private.worker.global_worker.node.get_logs_dir_path()
-        except AttributeError:  # not in a Ray worker (never expected): a fresh 0700 dir of our own
+            logs_dir = ray_compat.session_logs_dir()
+        except RayFeatureUnavailable:  # not in a Ray worker (never expected): a fresh 0700 dir of our own
             logs_dir = tempfile.mkdtemp(prefix="airflow-ray-keeper-")
         fd, self._log_path = tempfile.mkstemp(prefix=f"airflow-ray-keeper-{os.getpid()}-", suffix=".log",
                                               dir=logs_dir)
@@ -379,10 +383,16 @@ class KeeperLauncher:
             return "running"
         if self._proc is None or self._proc.poll() is not None:
             env = {k: v for k, v in os.environ.items() if k not in ("RAY_JOB_ID", "RAY_ADDRESS")}
+            # The keeper's job must see the provider code shipped with this actor's job (bundle.py):
+            # the owners it creates, and the tasks they submit, inherit it.
+            shipped = [u for u in (ray.get_runtime_context().runtime_env or {}).get("py_modules") or []
+                       if isinstance(u, str) and u.startswith("gcs://")]
+            env[KEEPER_RUNTIME_ENV] = json.dumps({"py_modules": shipped} if shipped else {})
             # O_NOFOLLOW: Ray's logs dir may be 0777 (Ray's default temp dir); never follow a planted link.
             with os.fdopen(os.open(self._log_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW), "ab") as out:
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "airflow_ray_provider.keeper", ray.get_runtime_context().gcs_address],
+                    [sys.executable, "-m", "airflow_ray_provider.cluster.keeper",
+                     ray.get_runtime_context().gcs_address],
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 )
         while time.monotonic() < deadline:
@@ -405,14 +415,14 @@ def _locate_now(runs: list[_Run]) -> bool:
     refs = [r.ref for r in runs]
     keys = ", ".join(r.key for r in runs)
     try:
-        infos = ray.experimental.get_object_locations(refs)
+        infos = ray_compat.object_locations(refs)
     except Exception as exc:  # noqa: BLE001 - logged; the local lookup below is the fallback
         log.warning("get_object_locations failed for Ray run(s) %s (%r); asking this actor's own core worker",
                     keys, exc)
         try:
             # This actor submitted the tasks, so it owns the objects: its core worker knows their
             # size and nodes without any RPC.
-            infos = ray.experimental.get_local_object_locations(refs)
+            infos = ray_compat.local_object_locations(refs)
         except Exception:
             log.exception("Could not locate the objects of Ray run(s) %s either locally", keys)
             return False
@@ -456,8 +466,6 @@ def _keeper_factory() -> Any:
         name=LAUNCHER_NAME, namespace=SYSTEM_NAMESPACE, lifetime="detached", get_if_exists=True,
         num_cpus=0, resources=ON_HEAD_NODE, max_restarts=-1,
     ).remote()
-    from airflow_ray_provider.submission import bounded_get  # not at import: this module also runs in the cluster
-
     bounded_get(launcher.ensure.remote(KEEPER_START_TIMEOUT_S), timeout=KEEPER_START_TIMEOUT_S + 30,
                 what=f"the keeper launcher actor {LAUNCHER_NAME!r} (namespace {SYSTEM_NAMESPACE!r}) "
                      f"starting the keeper")
@@ -493,14 +501,36 @@ def _create_owner(namespace: str, shard: int) -> Any:
     ).remote()
 
 
+def cluster_address() -> str:
+    """The GCS address this process is connected to, for error messages."""
+    try:
+        return ray.get_runtime_context().gcs_address or "an unknown address"
+    except Exception as exc:  # noqa: BLE001 - only ever decorates another error message
+        log.debug("Could not read this process's Ray cluster address: %s", exc)
+        return "an unknown address"
+
+
+def bounded_get(ref: Any, *, timeout: float, what: str) -> Any:
+    """``ray.get(ref)`` that gives up after ``timeout`` seconds with a :class:`RayWaitTimeout`.
+
+    ``what`` names what the caller waited for, e.g. ``owner_mod.owner_label(namespace, shard)
+    + ": poll of key 'dag/run/task/-1/1/ab12cd34'"``; the message adds the timeout and the cluster.
+    Errors raised by the remote side (``RayTaskError``, ``RayActorError``...) pass through unchanged.
+    """
+    try:
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise RayWaitTimeout(
+            f"No answer from {what} within {timeout:g}s (Ray cluster at {cluster_address()})"
+        ) from exc
+
+
 def get_owner(namespace: str, shard: int) -> Any:
     """The owner actor for ``shard``, created through the keeper on first use.
 
     Without a keeper (it could not start) the caller creates the owner itself: results
     still outlive the caller, but Ray no longer keeps warm workers between tasks.
     """
-    from airflow_ray_provider.submission import bounded_get  # not at import: this module also runs in the cluster
-
     with contextlib.suppress(ValueError):  # not created yet: the usual first call
         return ray.get_actor(owner_name(shard), namespace=namespace)
     try:

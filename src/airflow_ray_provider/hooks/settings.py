@@ -7,13 +7,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_ray_provider.exceptions import RayConnectionError
+
 LOCAL = "local"
 AUTO = "auto"
 _HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})$")
-
-
-class RayConnectionError(Exception):
-    """The Ray connection is malformed or its cluster cannot be reached."""
 
 
 @dataclass(frozen=True)

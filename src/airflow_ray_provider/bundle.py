@@ -1,0 +1,109 @@
+"""What the provider ships to the Ray cluster: its cluster-side code, as a ``runtime_env`` py_module.
+
+A stock Ray node (``rayproject/ray``, or any node with only Ray and the user's libraries) cannot
+import ``airflow_ray_provider.cluster``. So the driver's ``ray.init`` carries
+``runtime_env={"py_modules": [<staged copy>]}``: Ray zips the staged folder once, stores it in
+the cluster under a content hash (``gcs://_ray_pkg_<hash>.zip``) and puts it first on the
+``PYTHONPATH`` of every worker, actor and task of the job; the owner actors and the keeper
+inherit it, and so do the tasks they submit. A node that has the provider installed runs the
+shipped copy too, so client and cluster always run the same provider code.
+
+Only ``__init__.py``, ``exceptions.py`` and ``cluster/`` are staged (:data:`SHIPPED`): the Airflow
+side never reaches the cluster. The staged copy lives under ``$AIRFLOW_HOME/ray/bundle`` (a
+private 0700 folder: it is code the cluster will run) and is re-checked against the installed
+sources on each use; ``[ray] ship_cluster_code = False`` turns shipping off for clusters whose
+nodes have the provider installed and do not accept uploads.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PACKAGE = "airflow_ray_provider"
+SHIPPED = ("__init__.py", "exceptions.py", "cluster")
+_SOURCE = Path(__file__).resolve().parent
+
+
+def source_files(root: Path = _SOURCE) -> list[Path]:
+    """The shipped files, relative to the package folder, in a stable order."""
+    files: list[Path] = []
+    for name in SHIPPED:
+        path = root / name
+        if path.is_dir():
+            files.extend(p.relative_to(root) for p in sorted(path.rglob("*.py")) if "__pycache__" not in p.parts)
+        else:
+            files.append(Path(name))
+    return files
+
+
+def digest(root: Path = _SOURCE) -> str:
+    h = hashlib.sha256()
+    for rel in source_files(root):
+        h.update(str(rel).encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@functools.cache
+def _staged(source_digest: str, home: str) -> str:
+    from airflow_ray_provider.local_cluster import ensure_private_dir
+
+    base = ensure_private_dir(Path(home) / "ray" / "bundle")
+    target = base / source_digest[:20]
+    package = target / PACKAGE
+    if package.is_dir() and digest(package) == source_digest:
+        return str(package)
+    scratch = Path(tempfile.mkdtemp(prefix=".staging-", dir=base))
+    try:
+        for rel in source_files():
+            (scratch / PACKAGE / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(_SOURCE / rel, scratch / PACKAGE / rel)
+        if target.exists():  # a stale or altered copy: replace it
+            shutil.rmtree(target)
+        try:
+            os.rename(scratch, target)
+        except OSError:  # another process staged the same digest first
+            if not (package.is_dir() and digest(package) == source_digest):
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return str(package)
+
+
+def bundle_dir() -> str:
+    """The staged copy of the shipped files (a folder named ``airflow_ray_provider``)."""
+    from airflow_ray_provider.config import airflow_home
+
+    return _staged(digest(), str(airflow_home()))
+
+
+def driver_runtime_env() -> dict[str, Any]:
+    """The job-level ``runtime_env`` for ``ray.init``: the bundle, unless shipping is turned off."""
+    from airflow_ray_provider.config import ship_cluster_code
+
+    return {"py_modules": [bundle_dir()]} if ship_cluster_code() else {}
+
+
+def shipped_uris() -> list[str]:
+    """The ``gcs://`` URIs of the shipped code in the connected job (empty when nothing was shipped).
+
+    A task's own ``py_modules`` replace the inherited ones (Ray merges runtime_env by field), so
+    :func:`with_shipped_code` appends these to them.
+    """
+    import ray
+
+    env = ray.get_runtime_context().runtime_env or {}
+    return [u for u in env.get("py_modules") or [] if isinstance(u, str) and u.startswith("gcs://")]
+
+
+def with_shipped_code(runtime_env: dict[str, Any]) -> dict[str, Any]:
+    """``runtime_env`` for one task: when it names ``py_modules``, the shipped code is added to them."""
+    if "py_modules" not in runtime_env:
+        return runtime_env  # inherited from the job (through the owner actor)
+    modules = list(runtime_env.get("py_modules") or [])
+    return {**runtime_env, "py_modules": [*modules, *(u for u in shipped_uris() if u not in modules)]}
