@@ -241,8 +241,16 @@ class Airflow:
         if done.returncode != 0:
             raise TopologyError(f"airflow db migrate failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
 
-    def start(self, celery_workers: int = 0, startup_timeout: float = 150.0) -> None:
+    def start_triggerer(self, name: str = "triggerer") -> Component:
+        """A triggerer (deferred tasks); started on its own so a test can kill it and start another."""
+        component = start_airflow(name, ["triggerer"], self.env, self.logs, self.home)
+        self.components.append(component)
+        return component
+
+    def start(self, celery_workers: int = 0, startup_timeout: float = 150.0, triggerer: bool = False) -> None:
         env = self.env
+        if triggerer:
+            self.start_triggerer()
         self.components.append(start_airflow("api-server", ["api-server", "--host", "127.0.0.1", "--port",
                                                             str(self.port), "--workers", "1"], env, self.logs,
                                              self.home))
@@ -314,6 +322,34 @@ def start_ray_node(head_address: str, name: str, resources: dict[str, float], nu
     return start(name, argv, ray_process_env(auth_token), logs, logs)
 
 
+def join_ray_node(head_address: str, name: str, resources: dict[str, float], num_cpus: int, logs: Path,
+                  auth_token: str | None = None, timeout: float = 240.0) -> tuple[Component, list[dict[str, Any]]]:
+    """``start_ray_node`` and wait until the head lists it: the node and every live node of the cluster.
+
+    A node that exits before it is listed is started once more: its ports were free when chosen but are
+    released before ``ray start`` binds them, so another process can take one in between. A second exit,
+    or no listing within ``timeout``, fails with the node's own log (the Airflow components are not up yet).
+    """
+    expected = 1 + len(ray_nodes(head_address, auth_token))
+    for attempt in (1, 2):
+        node = start_ray_node(head_address, name, resources, num_cpus, logs, auth_token)
+
+        def listed() -> list[dict[str, Any]] | None:
+            nodes = ray_nodes(head_address, auth_token)  # one throwaway driver per poll
+            return nodes if len(nodes) >= expected else None
+
+        try:
+            return node, wait_until(f"the Ray node {name} to join {head_address}", listed, timeout, [node],
+                                    node.tail, interval=3)
+        except TopologyError as exc:
+            if node.proc.poll() is None or attempt == 2:
+                stop_all([node])
+                raise
+            print(f"{exc}\n\nstarting {name} once more (a port it was given may have been taken)", file=sys.stderr)
+            node.log.rename(node.log.with_suffix(".first.log"))
+    raise AssertionError("unreachable")
+
+
 def ray_nodes(address: str, auth_token: str | None = None) -> list[dict[str, Any]]:
     """The cluster's live nodes as Ray reports them (from a throwaway driver, so this process stays clean),
     asked with ``auth_token`` (the head's token)."""
@@ -352,7 +388,7 @@ def main() -> int:
         head.stop()
         raise SystemExit("The Ray head started without token auth (RAY_AUTH_MODE=disabled?); refusing to run "
                          "a head that listens beyond loopback without it")
-    node = start_ray_node(state.address, "ray-worker", {"worker_node": 1}, 2, args.workdir, auth_token=token)
+    node, _ = join_ray_node(state.address, "ray-worker", {"worker_node": 1}, 2, args.workdir, auth_token=token)
     airflow = celery_airflow(args.workdir / "airflow", args.pg_db, "redis://127.0.0.1:6379/0",
                              {"address": state.address, "checkpoint_path": str(args.workdir / "checkpoints")},
                              ray_password=token)

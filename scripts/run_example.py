@@ -59,6 +59,55 @@ def final_value(dag_id: str) -> tuple[str, Any]:
         return str(run.state), value
 
 
+def last_run_id(dag_id: str) -> int:
+    """The newest DagRun's row id (0 if none), so the watch below follows only the run started after it."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import func, select
+
+    with create_session() as session:
+        return session.scalar(select(func.max(DagRun.id)).where(DagRun.dag_id == dag_id)) or 0
+
+
+def watch(dag_id: str, after_id: int, proc: subprocess.Popen[bytes], started: float, interval: float = 1.0) -> None:
+    """Print each task's state as it changes, with the run's elapsed time, until ``proc`` (the DAG test) exits.
+
+    Read from the metadata DB, which ``airflow dags test`` updates as it goes; a read that meets the
+    writer's lock is simply retried on the next tick.
+    """
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+    from sqlalchemy.exc import OperationalError
+
+    seen: dict[str, str] = {}
+    while True:
+        exited = proc.poll() is not None
+        try:
+            with create_session() as session:
+                run = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.id > after_id)
+                                      .order_by(DagRun.id)).first()
+                rows = [] if run is None else session.execute(
+                    select(TaskInstance.task_id, TaskInstance.map_index, TaskInstance.state, TaskInstance.try_number)
+                    .where(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run.run_id)
+                    .order_by(TaskInstance.start_date.is_(None), TaskInstance.start_date, TaskInstance.task_id,
+                              TaskInstance.map_index)).all()
+                states = {} if run is None else {"DAG run": str(run.state)}
+        except OperationalError:
+            rows, states = [], {}
+        for task_id, map_index, state, try_number in rows:
+            label = task_id if map_index < 0 else f"{task_id}[{map_index}]"
+            states[label] = f"{state or 'none'}" + (f" (try {try_number})" if try_number and try_number > 1 else "")
+        for label, state in states.items():
+            if seen.get(label) != state and not (state.startswith("none") and label not in seen):
+                print(f"{time.monotonic() - started:7.1f}s  {label:<32} {state}", flush=True)
+                seen[label] = state
+        if exited:
+            return
+        time.sleep(interval)
+
+
 def main(dag_id: str, conf: dict[str, Any]) -> int:
     env = airflow_env()
     HOME.mkdir(parents=True, exist_ok=True)
@@ -66,12 +115,20 @@ def main(dag_id: str, conf: dict[str, Any]) -> int:
     log_path = HOME / f"{dag_id}.log"
     print(f"Airflow home: {HOME} (SQLite); DAGs: {ROOT / 'example_dags'}", flush=True)
     subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True)
+    os.environ.update(env)
+    after_id = last_run_id(dag_id)
+    print(f"Running {dag_id} (airflow dags test; its full log goes to {log_path}):", flush=True)
     started = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.run([*airflow, "dags", "test", dag_id, "--conf", json.dumps(conf)], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*airflow, "dags", "test", dag_id, "--conf", json.dumps(conf)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            watch(dag_id, after_id, proc, started)
+        finally:
+            if proc.poll() is None:  # Ctrl-C here: stop the DAG test too
+                proc.terminate()
+            proc.wait()
     elapsed = time.monotonic() - started
-    os.environ.update(env)
     from airflow_ray_provider.cluster.checkpoint import safe_component
     from airflow_ray_provider.config import DEFAULT_CONN_ID
     from airflow_ray_provider.local_cluster import LocalRayCluster

@@ -21,7 +21,7 @@ import pytest
 
 from airflow_ray_provider.local_cluster import LocalRayCluster, port_open
 from airflow_ray_provider.xcom.reference import parse_reference
-from scripts.local_topology import TopologyError, celery_airflow, ray_nodes, start_ray_node, stop_all
+from scripts.local_topology import TopologyError, celery_airflow, join_ray_node, stop_all
 from tests.conftest import BUCKET, PG_HOST, PG_PORT, PG_USER, pg_query
 
 pytestmark = pytest.mark.postgres
@@ -47,18 +47,18 @@ def test_celery_workers_and_two_ray_nodes(pg_database: str, redis_broker: str, t
     if state.auth_mode != "token" or not token:
         head.stop()
         pytest.fail(f"the topology's head, which other nodes can reach, must run with token auth: {state}")
-    node = start_ray_node(state.address, "ray-worker", {"worker_node": 1}, 2, tmp_path, auth_token=token)
+    try:
+        node, nodes = join_ray_node(state.address, "ray-worker", {"worker_node": 1}, 2, tmp_path, auth_token=token)
+    except TopologyError as exc:
+        head.stop()
+        pytest.fail(str(exc))
     airflow = celery_airflow(tmp_path / "airflow", pg_database, redis_broker, {
         "address": state.address, "namespace": "topology",
         "checkpoint_path": f"s3://{BUCKET}/topology", "checkpoint_conn_id": "ckpt_s3"},
         pg_server=f"{PG_USER}@{PG_HOST}:{PG_PORT}", ray_password=token)
     api = airflow.api
     try:
-        def both_nodes() -> list[dict] | None:
-            nodes = ray_nodes(state.address, token)  # one throwaway driver per poll
-            return nodes if len(nodes) == 2 else None
-
-        nodes = airflow.wait("the second Ray node", both_nodes, 120, interval=3)
+        assert len(nodes) == 2, nodes
         node_of = {("worker_node" if "worker_node" in n["resources"] else "head_node"): n["id"] for n in nodes}
         airflow.migrate()
         airflow.start(celery_workers=2)

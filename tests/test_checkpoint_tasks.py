@@ -196,7 +196,8 @@ def test_load_result_reads_past_results_from_ray_or_the_checkpoint(tmp_path: Pat
         from sqlalchemy import select
         with create_session() as s:
             raw = s.execute(select(XComModel.value).where(XComModel.dag_id == "ckpt_reuse",
-                XComModel.run_id == dr.run_id, XComModel.task_id == "produce")).scalar_one()
+                XComModel.run_id == dr.run_id, XComModel.task_id == "produce",
+                XComModel.key == "return_value")).scalar_one()  # not the extra links' rows
         obj = parse_reference(raw)
         RayHook().get_conn()
         ray.get(get_owner(obj.location.namespace, obj.location.owner).release.remote([obj.key]))  # Ray lost it

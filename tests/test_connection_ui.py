@@ -13,14 +13,8 @@ stored connection" (same file, 387-395), which the toast shows as "Bad Request".
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,12 +23,10 @@ import pytest
 
 from airflow_ray_provider.exceptions import RayConnectionError
 from airflow_ray_provider.hooks.settings import RaySettings
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, browser_or_skip, running_api_server
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "tests" / "output" / "connection_ui"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 TEST_TIMEOUT_MS = 150_000  # a `local` Test starts the embedded head first (about 15 s here), then probes it
 
 
@@ -83,55 +75,20 @@ def test_the_form_does_not_prefill_an_address() -> None:
 
 
 # -- the real UI in chromium ---------------------------------------------------------------------------------------
-def _browser_or_skip() -> Any:
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: `apt-get install -y chromium` (Debian's browser; Playwright's "
-                    "own download cannot run here)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed: `pip install -c constraints.txt '.[test]'`")
-    return sync_playwright
-
-
 @pytest.fixture
 def api_server(airflow_home: Path, tmp_path: Path) -> Iterator[str]:
-    """A real API server on a free loopback port, every user an admin, connection testing enabled.
-
-    The `local` Test starts the embedded head under $AIRFLOW_HOME/ray from the API server's process
-    tree; it is stopped afterwards unless it was already running before this test.
-    """
-    from airflow_ray_provider.local_cluster import LocalRayCluster, free_ports, port_open
+    """The API server (tests/browser.py); the `local` Test's embedded head is stopped afterwards unless it
+    was already running before this test."""
+    from airflow_ray_provider.local_cluster import LocalRayCluster
 
     embedded = LocalRayCluster()
     embedded_was_running = embedded.status() is not None
-    (port,) = free_ports(1)
-    env = {k: v for k, v in os.environ.items() if k != "AIRFLOW_CONN_RAY_DEFAULT"}
-    env.update(AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True", AIRFLOW__CORE__TEST_CONNECTION="Enabled")
-    log_path = tmp_path / "api-server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "airflow", "api-server", "-H", "127.0.0.1", "-p", str(port),
-                                 "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)  # its own process group, so it is stopped whole
     try:
-        deadline = time.monotonic() + 120
-        while not port_open("127.0.0.1", port, timeout=0.5):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"airflow api-server did not start on port {port}: "
-                                   f"{log_path.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
+        with running_api_server(tmp_path, OUTPUT) as base:
+            yield base
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        OUTPUT.mkdir(parents=True, exist_ok=True)
-        shutil.copy(log_path, OUTPUT / "api-server.log")
         if embedded.log_file.exists():  # the `local` Test's `ray start --head` output, if it ran
+            OUTPUT.mkdir(parents=True, exist_ok=True)
             shutil.copy(embedded.log_file, OUTPUT / "embedded-head.log")
         if not embedded_was_running:
             embedded.stop()
@@ -185,7 +142,7 @@ def _session_head_token(airflow_home: Path) -> str | None:
 def test_connections_list_test_button_in_chromium(api_server: str, ray_cluster: str, airflow_home: Path) -> None:
     from airflow_ray_provider.local_cluster import free_ports
 
-    sync_playwright = _browser_or_skip()
+    sync_playwright = browser_or_skip()
     OUTPUT.mkdir(parents=True, exist_ok=True)
     host, port = ray_cluster.rsplit(":", 1)
     token = _session_head_token(airflow_home)
@@ -242,7 +199,7 @@ def test_connections_list_test_button_in_chromium(api_server: str, ray_cluster: 
 
 def test_form_host_port_is_what_the_list_tests(api_server: str, ray_cluster: str, airflow_home: Path) -> None:
     """A Ray connection typed into the Add Connection form with Host/Port runs on that cluster."""
-    sync_playwright = _browser_or_skip()
+    sync_playwright = browser_or_skip()
     OUTPUT.mkdir(parents=True, exist_ok=True)
     host, port = ray_cluster.rsplit(":", 1)
     from airflow.models import Connection

@@ -56,6 +56,23 @@ def test_remote_exception_and_output_reach_the_task_log(capfd: pytest.CaptureFix
     assert "Ray task remote_failure.explode failed" in log
 
 
+def test_native_and_child_process_output_reach_the_task_log_once_and_whole(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    dr = core_dags.native_output_dag.test()
+    log = _log(capfd)
+    assert ti_states(dr) == {("noisy", 0): "success", ("noisy", 1): "success"}
+    # Each relayed line: "<time> [info ] [ray] <the line> [<logger>] loc=...": keep only the line.
+    relayed = [line.split("[ray] ", 1)[1].split(" [airflow.", 1)[0].rstrip()
+               for line in log.splitlines() if "[ray] " in line]
+    for tag in ("alpha", "beta"):
+        for what in ("python-print", "fd1-write", "fd2-write", "c-printf", "child-echo", "child-stderr",
+                     "no-newline"):
+            found = [line for line in relayed if line.startswith(f"{what} {tag}")]
+            assert len(found) == 1, f"{what} {tag}: {found} in\n{log[-4000:]}"  # once: not also through a tee
+        bursts = sorted(line for line in relayed if line.startswith(f"burst {tag} "))
+        assert bursts == [f"burst {tag} {n:03d} {'x' * 200}" for n in range(300)], bursts[:5]
+
+
 def test_skip_raised_inside_ray_skips_the_task() -> None:
     assert ti_states(core_dags.remote_skip_dag.test()) == {("maybe", -1): "skipped"}
 

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -76,23 +77,43 @@ def test_main_job_runs_the_higgs_example(ray_cluster: str, tmp_path: Path) -> No
     env.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")  # the script's own SQLite DB under its home
     env.pop("AIRFLOW__CORE__DAGS_FOLDER")
     conf = {"rows": 20_000, "rounds": 10}
+    lines: list[str] = []
+    dag_test_alive_at_first_progress: bool | None = None
     try:
-        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_example.py"), "--conf", json.dumps(conf)],
-                              capture_output=True, text=True, env=env, timeout=1200)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_example.py"), "--conf",
+                                 json.dumps(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env)
+        assert proc.stdout is not None
+        watchdog = threading.Timer(1200, proc.kill)  # a hung script fails the test instead of hanging it
+        watchdog.start()
+        for line in proc.stdout:  # read as printed: progress must arrive while the DAG runs, not at its end
+            lines.append(line)
+            if dag_test_alive_at_first_progress is None and re.search(r"^\s+[0-9.]+s  \S+\s+running$", line):
+                dag_test_alive_at_first_progress = any(
+                    "dags" in c.cmdline() and "test" in c.cmdline() for c in psutil.Process(proc.pid).children())
+        proc.wait(timeout=60)
+        watchdog.cancel()
     finally:
         LocalRayCluster(tmp_path / "ray").stop()  # the script leaves its embedded head running, as users want
+    stdout = "".join(lines)
     log_file = tmp_path / "example_ray_xgboost_higgs.log"
     log = log_file.read_text() if log_file.exists() else ""
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:] + log[-6000:]
-    assert "DAG example_ray_xgboost_higgs: success" in proc.stdout
-    found = re.search(r"^Accuracy: ([0-9.]+) \(xgboost-ray\), ([0-9.]+) \(Ray Train\)", proc.stdout, re.M)
-    assert found, proc.stdout
+    assert proc.returncode == 0, stdout[-6000:] + log[-6000:]
+    # Progress: each task's state as it changes, with the elapsed time, printed while the DAG test runs.
+    assert dag_test_alive_at_first_progress, stdout
+    progress = re.findall(r"^\s+([0-9.]+)s  (\S+)\s+(\S+)", stdout, re.M)
+    for task_id in ("prepare_data", "train_xgboost_ray", "evaluate", "train_ray_train", "report"):
+        assert [state for _, label, state in progress if label == task_id][-1] == "success", stdout
+    assert [float(t) for t, _, _ in progress] == sorted(float(t) for t, _, _ in progress), stdout
+    assert "DAG example_ray_xgboost_higgs: success" in stdout
+    found = re.search(r"^Accuracy: ([0-9.]+) \(xgboost-ray\), ([0-9.]+) \(Ray Train\)", stdout, re.M)
+    assert found, stdout
     # A HIGGS-shaped synthetic set: a booster beats the 0.5 of guessing by a wide margin, as on real HIGGS.
-    assert float(found[1]) > 0.7 and float(found[2]) > 0.7, proc.stdout
+    assert float(found[1]) > 0.7 and float(found[2]) > 0.7, stdout
     checkpoints = tmp_path / "ray-checkpoints" / "example_ray_xgboost_higgs"
-    assert f"Checkpoints: {checkpoints}" in proc.stdout
+    assert f"Checkpoints: {checkpoints}" in stdout
     assert list(checkpoints.glob("*/train_xgboost_ray/-1/result/manifest.json"))
-    assert 'load_result("example_ray_xgboost_higgs", "train_xgboost_ray")' in proc.stdout
+    assert 'load_result("example_ray_xgboost_higgs", "train_xgboost_ray")' in stdout
     assert "xgboost-ray trained on 16000 rows with 2 actors" in log  # the embedded head has 2 CPUs here
 
 
@@ -151,7 +172,7 @@ def test_tune_search_resumes_after_the_driver_dies_mid_search(ray_cluster: str, 
     result, output = result_of(proc, timeout=1200)
     assert finished_before_kill >= 2, output[-8000:]
     assert set(result["states"].values()) == {"success"}, output[-8000:]
-    assert result["tries"]["search"] == 2
+    assert result["tries"]["search"] == 2, output[-12000:]
     assert result["values"]["search.trials"] == 8
     resumed = re.search(r"Resuming the Tune experiment at (\S+): (\d+) finished trials kept", output)
     assert resumed, output[-8000:]

@@ -202,7 +202,8 @@ def test_a_wedged_owner_fails_the_task_within_a_bound_naming_owner_and_key(ray_c
     class WedgedOwner:
         """Accepts the submit of one task, then never answers anything again."""
 
-        async def submit(self, key: str, payload: list, options: dict, lease_s: float) -> str:
+        async def submit(self, key: str, payload: list, options: dict, lease_s: float,
+                         hold_s: float = 0.0) -> str:
             if "/stuck_in_submit/" in key:
                 await asyncio.Event().wait()
             return "accepted"

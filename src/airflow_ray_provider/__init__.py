@@ -11,4 +11,4 @@ import pkgutil
 # found in that copy: every ``airflow_ray_provider`` folder on sys.path joins the package's path.
 __path__ = pkgutil.extend_path(__path__, __name__)
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

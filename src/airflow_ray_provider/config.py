@@ -67,6 +67,11 @@ def ship_cluster_code() -> bool:
     return _conf().getboolean(SECTION, "ship_cluster_code", fallback=True)
 
 
+def default_deferrable() -> bool:
+    """``[ray] default_deferrable``: ``@task.ray`` tasks defer to the triggerer while Ray works, unless told."""
+    return _conf().getboolean(SECTION, "default_deferrable", fallback=False)
+
+
 def checkpoint_path() -> str:
     """``[ray] checkpoint_path``, else ``$AIRFLOW_HOME/ray-checkpoints``."""
     configured = _conf().get(SECTION, "checkpoint_path", fallback="") or ""

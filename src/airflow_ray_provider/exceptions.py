@@ -21,6 +21,14 @@ class RayVersionMismatch(RayConnectionError):
     """The cluster runs another Ray or Python version than this process; the message names both."""
 
 
+class WatcherUnavailable(RayConnectionError):
+    """The triggerer's Ray watcher of a connection could not be started or did not answer in time."""
+
+
+class WatcherDied(WatcherUnavailable):
+    """The watcher exited while a request was pending: the request is sent again to its successor."""
+
+
 class LocalClusterError(AirflowRayError, RuntimeError):
     """The embedded Ray head could not be started, found or stopped."""
 

@@ -21,6 +21,7 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "hooks": [{"integration-name": "Ray", "python-modules": ["airflow_ray_provider.hooks.ray"]}],
+        "triggers": [{"integration-name": "Ray", "python-modules": ["airflow_ray_provider.triggers.ray"]}],
         "connection-types": [
             {
                 "hook-class-name": "airflow_ray_provider.hooks.ray.RayHook",
@@ -75,6 +76,12 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "Extra fsspec options for the checkpoint store, e.g. {\"max_concurrency\": 1} "
                         "for s3fs",
                     },
+                    "dashboard_url": {
+                        "label": "Ray dashboard URL",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "The Ray dashboard as your browser reaches it, e.g. http://ray-head:8265: "
+                        "each task links to its Ray task, node and worker logs there (the embedded head: its own)",
+                    },
                     "autoscaling": {
                         "label": "Cluster autoscales",
                         "schema": {"type": ["boolean", "null"], "default": False},
@@ -91,6 +98,11 @@ def get_provider_info() -> dict[str, Any]:
                     },
                 },
             }
+        ],
+        "extra-links": [
+            "airflow_ray_provider.links.ray.RayTaskLink",
+            "airflow_ray_provider.links.ray.RayNodeLink",
+            "airflow_ray_provider.links.ray.RayWorkerLogsLink",
         ],
         "task-decorators": [{"class-name": "airflow_ray_provider.decorators.ray.ray_task", "name": "ray"}],
         "config": {
@@ -112,6 +124,14 @@ def get_provider_info() -> dict[str, Any]:
                         "type": "string",
                         "example": config.DEFAULT_CONN_ID,
                         "default": config.DEFAULT_CONN_ID,
+                    },
+                    "default_deferrable": {
+                        "description": "Whether @task.ray tasks defer to the triggerer while their Ray task runs "
+                        "when they do not say (deferrable=...). Needs a running triggerer.",
+                        "version_added": "0.3.0",
+                        "type": "boolean",
+                        "example": "True",
+                        "default": "False",
                     },
                     "ship_cluster_code": {
                         "description": "Ship the provider's cluster-side code (airflow_ray_provider.cluster) to the "

@@ -1,4 +1,5 @@
-"""The provider's Airflow plugin: a listener that runs ``airflow-ray upkeep`` when DAG runs finish.
+"""The provider's Airflow plugin: a listener that runs ``airflow-ray upkeep`` when DAG runs finish, and
+the *Ray* tab of a DAG run (the view in :mod:`airflow_ray_provider.ui.app`, mounted under ``/ray``).
 
 Airflow does not tell XCom backends when DAG runs are deleted or age out, so the objects
 behind them would stay in Ray, and checkpoints would stay in storage. The scheduler (and
@@ -94,8 +95,33 @@ class _DagRunListener:
 dag_run_listener = _DagRunListener()
 
 
+class _RayViewApp:
+    """The Ray view's FastAPI app, imported on its first request.
+
+    Airflow loads plugins in every process that runs tasks too, and the app's imports (Airflow's API
+    security module above all) take about 3 s here; only the API server ever serves a request.
+    """
+
+    def __init__(self) -> None:
+        self._app: Any = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self._app is None:
+            from airflow_ray_provider.ui.app import app
+
+            self._app = app
+        await self._app(scope, receive, send)
+
+    def __repr__(self) -> str:
+        return "airflow_ray_provider.ui.app:app"
+
+
 class RayProviderPlugin(AirflowPlugin):
-    """Registers the gc listener with Airflow."""
+    """Registers the gc listener and the Ray view with Airflow."""
 
     name = "airflow_ray_provider"
     listeners = [dag_run_listener]
+    fastapi_apps = [{"app": _RayViewApp(), "url_prefix": "/ray", "name": "Ray objects of a DAG run"}]
+    # A tab of each DAG run; the UI fills in the ids. Relative, so it works under a base path.
+    external_views = [{"name": "Ray", "href": "ray/view/{DAG_ID}/{RUN_ID}", "destination": "dag_run",
+                       "url_route": "ray-objects"}]

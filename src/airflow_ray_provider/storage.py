@@ -28,8 +28,14 @@ def store_for(ray_conn_id: str, path: str | None = None, conn_id: str | None = N
 
     settings = RayHook(ray_conn_id).settings
     root = path or settings.checkpoint_path or default_root()
-    store_conn = conn_id if conn_id is not None else settings.checkpoint_conn_id
+    store_conn = store_conn_id(settings, conn_id)
     return make_store(root, store_conn, settings.checkpoint_storage_options), store_conn
+
+
+def store_conn_id(settings: Any, conn_id: str | None) -> str | None:
+    """The connection with a task's checkpoint credentials: its own ``checkpoint_conn_id``, else its ``ray``
+    connection's (``settings`` are that connection's :class:`~airflow_ray_provider.hooks.settings.RaySettings`)."""
+    return conn_id if conn_id is not None else settings.checkpoint_conn_id
 
 
 def make_store(root: str, conn_id: str | None, extra_options: dict[str, Any] | None = None) -> Store:

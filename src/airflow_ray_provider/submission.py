@@ -61,14 +61,20 @@ def missing_provider(where: str) -> RayConnectionError:
         f"cluster-side code with each connection), or install airflow-ray-provider=={__version__} on every node")
 
 
+def run_fingerprint(fn_bytes: bytes, inputs_digest: str) -> str:
+    """What identifies one call: the pickled callable and its inputs (checkpoint reuse, durable re-attach)."""
+    return hashlib.sha256(fn_bytes + inputs_digest.encode()).hexdigest()
+
+
 class RayTaskRun:
     """One submitted Ray task, followed from an Airflow task process."""
 
     def __init__(self, *, key: str, task_label: str, namespace: str, shards: int, lease_s: float,
-                 log: Any, shard: int | None = None) -> None:
+                 log: Any, shard: int | None = None, hold_s: float = 0.0) -> None:
         self.key = key
         self.task_label = task_label
         self.lease_s = lease_s
+        self.hold_s = hold_s  # a durable run: how long its result is kept for a retry (TaskOwner.submit)
         self.log = log
         self.shard = owner_mod.shard_for(key, shards) if shard is None else shard
         self.owner_label = owner_mod.owner_label(namespace, self.shard)
@@ -102,13 +108,18 @@ class RayTaskRun:
                 raise missing_provider(self.owner_label) from exc
             raise
 
-    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
-               options: Mapping[str, Any], job: CheckpointJob | None = None, inputs_digest: str | None = None) -> None:
-        """Hand the call to the owner actor; ``job`` gets its fingerprint from the callable and ``inputs_digest``."""
-        fn_bytes = dumps_callable(fn, self.task_label)
+    def submit(self, fn: Callable[..., Any] | bytes, args: tuple[Any, ...], kwargs: Mapping[str, Any],
+               options: Mapping[str, Any], job: CheckpointJob | None = None, inputs_digest: str | None = None,
+               fingerprint: str | None = None) -> None:
+        """Hand the call to the owner actor.
+
+        ``fn`` is the callable or its bytes from :func:`dumps_callable`. ``job`` gets ``fingerprint``,
+        or one made from the callable and ``inputs_digest``.
+        """
+        fn_bytes = fn if isinstance(fn, bytes) else dumps_callable(fn, self.task_label)
         parts: tuple[Any, ...] = (fn_bytes, tuple(args), dict(kwargs))
         if job is not None:
-            fingerprint = hashlib.sha256(fn_bytes + (inputs_digest or "").encode()).hexdigest()
+            fingerprint = fingerprint or run_fingerprint(fn_bytes, inputs_digest or "")
             parts = (*parts, dataclasses.replace(job, fingerprint=fingerprint))
         try:
             payload = ray.put(parts)
@@ -116,7 +127,7 @@ class RayTaskRun:
             raise find_unpicklable(tuple(args), kwargs, self.task_label) from exc
         # The payload ref is owned by this process, which lives until the task ends;
         # wrapping it in a list keeps Ray from resolving it inside the owner actor.
-        call = self.owner.submit.remote(self.key, [payload], dict(options), self.lease_s)
+        call = self.owner.submit.remote(self.key, [payload], dict(options), self.lease_s, self.hold_s)
         try:
             self._owner_call(call, "submit", OWNER_CALL_TIMEOUT_S)
         except RayWaitTimeout:
@@ -124,8 +135,28 @@ class RayTaskRun:
             raise
         self.submitted = True
 
-    def wait(self) -> dict[str, Any]:
-        """Poll until the task ends, writing its output to the Airflow log as it arrives."""
+    def state(self) -> dict[str, Any]:
+        """The run's state now (no log lines): what a later try decides on before it re-attaches."""
+        try:
+            return owner_mod.poll_state(self.owner, self.key, timeout=OWNER_CALL_TIMEOUT_S,
+                                        what=f"{self.owner_label}: status of Ray task {self.task_label} "
+                                             f"(key {self.key})")
+        except RayWaitTimeout:
+            self.owner_unresponsive = True
+            raise
+
+    def set_lease(self, lease_s: float, hold_s: float = 0.0) -> None:
+        """This process re-attached to the run: the owner keeps it for this try's lease from now on."""
+        self.lease_s, self.hold_s = lease_s, hold_s
+        if not self._owner_call(self.owner.set_lease.remote(self.key, lease_s, hold_s), "set_lease",
+                                OWNER_CALL_TIMEOUT_S):
+            raise RayObjectLost(f"{self.owner_label} no longer holds Ray task {self.task_label} (key {self.key})")
+
+    def wait(self, on_start: Callable[[Mapping[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll until the task ends, writing its output to the Airflow log as it arrives.
+
+        ``on_start`` is called once with the run's events when the Ray worker has said where it runs.
+        """
         offset = 0
         started = time.monotonic()
         announced = False
@@ -137,6 +168,8 @@ class RayTaskRun:
                 announced = True
                 self.log.info("Running on Ray node %s (node id %s, worker pid %s)",
                               self.events["node_ip"], self.events.get("node_id"), self.events.get("pid"))
+                if on_start is not None:
+                    on_start(self.events)
             for line in status["logs"]:
                 self.log.info("[ray] %s", _ANSI.sub("", line))
             offset = status["log_offset"]

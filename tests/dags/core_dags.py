@@ -88,6 +88,31 @@ def remote_failure():
     explode()
 
 
+@dag(dag_id="native_output", schedule=None, start_date=START)
+def native_output():
+    """Output that never passes through ``sys.stdout``: descriptor writes, C's printf, child processes."""
+
+    @task.ray
+    def noisy(tag: str) -> int:
+        import ctypes
+        import os
+        import subprocess
+        import sys
+
+        print(f"python-print {tag}")
+        os.write(1, f"fd1-write {tag}\n".encode())
+        os.write(2, f"fd2-write {tag}\n".encode())
+        ctypes.CDLL(None).printf(f"c-printf {tag}\n".encode())  # buffered by C stdio until flushed
+        subprocess.run(["echo", f"child-echo {tag}"], check=True)
+        subprocess.run(["sh", "-c", f"echo child-stderr {tag} >&2"], check=True)
+        for n in range(300):  # many lines from two descriptors at once: none may be cut or mixed
+            os.write(1 + n % 2, f"burst {tag} {n:03d} {'x' * 200}\n".encode())
+        sys.stdout.write(f"no-newline {tag}")
+        return 1
+
+    noisy.expand(tag=["alpha", "beta"])
+
+
 @dag(dag_id="remote_skip", schedule=None, start_date=START)
 def remote_skip():
     @task.ray
@@ -189,6 +214,7 @@ flow_both_ways_dag = flow_both_ways()
 mapping_outputs_dag = mapping_outputs()
 remote_failure_dag = remote_failure()
 remote_skip_dag = remote_skip()
+native_output_dag = native_output()
 timeout_cancels_dag = timeout_cancels()
 sigterm_cancels_dag = sigterm_cancels()
 bad_callable_dag = bad_callable()

@@ -11,6 +11,8 @@ from typing import Any
 
 _MAX_NAMES = 12
 _MAX_REPR = 120
+# The summary leads the XCom row, which stays small whatever the value (long column names, say).
+MAX_SUMMARY = 200
 
 
 def type_name(value: Any) -> str:
@@ -28,9 +30,14 @@ def _names(names: Any) -> str:
 def describe(value: Any) -> dict[str, Any]:
     """``{"type", "summary", "size_estimate", "length"}`` for ``value``; never raises."""
     try:
-        return _describe(value)
+        described = _describe(value)
     except Exception as exc:  # noqa: BLE001 - a summary must never fail the task
-        return {"type": type_name(value), "summary": f"(no summary: {exc})", "size_estimate": None, "length": None}
+        described = {"type": type_name(value), "summary": f"(no summary: {exc})", "size_estimate": None,
+                     "length": None}
+    summary = described["summary"]
+    if len(summary) > MAX_SUMMARY:
+        described["summary"] = summary[: MAX_SUMMARY - 3] + "..."
+    return described
 
 
 def _describe(value: Any) -> dict[str, Any]:

@@ -58,6 +58,7 @@ class _Run:
     key: str
     ref: ray.ObjectRef
     lease_s: float
+    hold_s: float = 0.0
     last_seen: float = field(default_factory=time.monotonic)
     state: str = "running"  # running | finished | failed | cancelled
     error: str | None = None
@@ -88,13 +89,18 @@ class TaskOwner:
             loop = asyncio.get_running_loop()
             self._background = [loop.create_task(self._watch_loop()), loop.create_task(self._reap_abandoned())]
 
-    async def submit(self, key: str, payload: list[ray.ObjectRef], options: dict[str, Any], lease_s: float) -> str:
-        """Start ``worker.run_callable`` for ``payload`` (wrapped in a list so it stays a ref)."""
+    async def submit(self, key: str, payload: list[ray.ObjectRef], options: dict[str, Any], lease_s: float,
+                     hold_s: float = 0.0) -> str:
+        """Start ``worker.run_callable`` for ``payload`` (wrapped in a list so it stays a ref).
+
+        ``hold_s``: how long after it ends the result is kept even if no XCom row names it yet (a durable
+        task's retry may still come for it); garbage collection reads it from ``inventory``.
+        """
         if key in self._runs:
             raise KeyError(f"Ray task key {key!r} is already in use")
         me = ray.get_runtime_context().current_actor
         ref = worker.run_callable.options(**options).remote(payload[0], key, me)
-        self._runs[key] = _Run(key=key, ref=ref, lease_s=lease_s)
+        self._runs[key] = _Run(key=key, ref=ref, lease_s=lease_s, hold_s=hold_s)
         self._start_background()
         return ref.hex()
 
@@ -165,6 +171,16 @@ class TaskOwner:
                     except Exception:  # e.g. it finished meanwhile; the others still get reaped
                         log.exception("Cancelling abandoned Ray run %s failed", run.key)
                     run.changed.set()
+
+    async def set_lease(self, key: str, lease_s: float, hold_s: float = 0.0) -> bool:
+        """A later try re-attached to ``key`` (durable): from now on its lease and hold are that try's."""
+        run = self._runs.get(key)
+        if run is None:
+            return False
+        run.lease_s = lease_s
+        run.hold_s = hold_s
+        run.last_seen = time.monotonic()
+        return True
 
     async def append_log(self, key: str, chunk: str, events: dict[str, Any] | None = None) -> None:
         """Called by the Ray worker running ``key`` with its captured output."""
@@ -344,7 +360,7 @@ class TaskOwner:
     async def inventory(self) -> dict[str, dict[str, Any]]:
         """Every key with its state, finish time and size: what garbage collection decides on."""
         return {k: {"state": r.state if r.done.is_set() else "running", "finished_at": r.finished_at,
-                    "size": r.size} for k, r in self._runs.items()}
+                    "size": r.size, "hold_s": r.hold_s} for k, r in self._runs.items()}
 
     async def ping(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -508,6 +524,15 @@ def cluster_address() -> str:
     except Exception as exc:  # noqa: BLE001 - only ever decorates another error message
         log.debug("Could not read this process's Ray cluster address: %s", exc)
         return "an unknown address"
+
+
+# A log offset past any run's log: ``TaskOwner.poll`` then ships no lines, only the state (and renews the lease).
+STATE_ONLY_OFFSET = 10**12
+
+
+def poll_state(owner: Any, key: str, *, timeout: float, what: str) -> dict[str, Any]:
+    """``owner``'s answer about ``key`` without its log, at once: ``{"state", "error", ...}``."""
+    return bounded_get(owner.poll.remote(key, STATE_ONLY_OFFSET, 0.0), timeout=timeout, what=what)
 
 
 def bounded_get(ref: Any, *, timeout: float, what: str) -> Any:

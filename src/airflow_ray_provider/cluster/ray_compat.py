@@ -5,7 +5,7 @@ joined, the id of whatever answers at an address now, re-reading the auth token,
 copies live, hooking placement-group and actor creation). Each such use is a function here.
 When the installed Ray lacks the API, the function raises :class:`RayFeatureUnavailable`
 naming the Ray version and the supported range, instead of an ``AttributeError`` deep in a task
-or a hang. ``tests/test_ray_compat.py`` calls every one of them against the installed Ray.
+or a hang. ``tests/test_layout.py`` checks that no other module touches these APIs.
 
 Ray is imported inside the functions: the Airflow side imports this module while parsing DAGs.
 """
@@ -117,6 +117,26 @@ def object_locations(refs: list[Any]) -> dict[Any, dict[str, Any]]:
 def local_object_locations(refs: list[Any]) -> dict[Any, dict[str, Any]]:
     """The same, answered by this process's own core worker (it must own the objects)."""
     return _attr("ray.experimental", "get_local_object_locations", "to report where results live")(refs)
+
+
+def object_store_use(gcs_address: str) -> tuple[int, int | None] | None:
+    """Bytes in the cluster's shared-memory object stores and their capacity, or None if Ray did not say.
+
+    Ray's public API gives only the capacity (``cluster_resources()["object_store_memory"]``); the
+    use comes from the text of ``ray memory --stats-only`` (its ``Plasma memory usage N MiB`` line),
+    so it is known to the MiB.
+    """
+    import re
+
+    import ray
+
+    summary = _attr("ray._private.internal_api", "memory_summary", "to show the object store's use")
+    text = summary(address=gcs_address, stats_only=True)
+    found = re.search(r"Plasma memory usage (\d+) MiB", text)
+    if found is None:
+        return None
+    capacity = ray.cluster_resources().get("object_store_memory")
+    return int(found.group(1)) * 2**20, None if capacity is None else int(capacity)
 
 
 def placement_group_cell() -> Any:

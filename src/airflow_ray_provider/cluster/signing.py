@@ -25,6 +25,10 @@ from airflow_ray_provider.exceptions import SigningError
 SCHEME = "hmac-sha256"
 REFERENCE = "airflow-ray/xcom-reference/v2"
 MANIFEST = "airflow-ray/checkpoint-manifest/v2"
+# What a try records in the task state store so that a later try can re-attach to its Ray task (durable).
+RUN_RECORD = "airflow-ray/run-record/v1"
+# The Ray run a deferred task waits for, as stored in the trigger row and in the event it resumes with.
+TRIGGER = "airflow-ray/trigger/v1"
 MIN_SECRET_BYTES = 32
 
 

@@ -1,14 +1,18 @@
 """What runs inside the Ray worker: unpickle the callable, capture its output, call it.
 
-stdout, stderr and ``logging`` records of the callable are copied (not moved: Ray's
-own worker log files still get them) to the owner actor in small batches, where
-the waiting Airflow task picks them up for its task log.
+Everything the callable writes to stdout and stderr (``print``, ``logging``, native libraries,
+child processes: captured at the file-descriptor level) is copied (not moved: Ray's own worker
+log files still get it) to the owner actor in small batches, where the waiting Airflow task
+picks it up for its task log.
 
 This module runs inside the Ray cluster and must not import Airflow.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import io
 import logging
 import os
@@ -139,10 +143,115 @@ class _Tee(io.TextIOBase):
         return False
 
 
+class _FdCapture:
+    """Copies everything written to file descriptors 1 and 2 into the sink while the callable runs.
+
+    Native libraries (xgboost's own log, a C ``printf``) and child processes (``subprocess.run``) write
+    to the descriptors, never to ``sys.stdout``. Each descriptor is pointed at a pipe; a pump thread per
+    pipe passes what arrives on to the original file, so Ray's worker log keeps it, and whole lines
+    only to the sink, so stdout and stderr never mix inside a line. A Ray worker runs one task at a
+    time, so the capture holds only this task's output. (Not wurlitzer, which does this for Python
+    streams: it would have to be installed on, or shipped to, every stock Ray node.)
+
+    Limits, as for any pipe-based capture: C stdio buffers its output when stdout is not a terminal,
+    so a library's ``printf`` arrives when the library flushes, at the latest when the callable
+    returns (the capture flushes C's streams); and a C extension that holds the GIL while it writes
+    more than the pipe holds (1 MiB is asked for) stalls until it lets the GIL go.
+    """
+
+    PIPE_BYTES = 1 << 20
+    _F_SETPIPE_SZ = 1031  # Linux fcntl
+
+    def __init__(self, sink: _LogSink) -> None:
+        self._sink = sink
+        self._saved: dict[int, int] = {}
+        self._pumps: list[threading.Thread] = []
+        self._detached = False
+
+    def start(self) -> None:
+        _flush_c_streams()
+        try:
+            for fd in (1, 2):
+                saved = os.dup(fd)
+                self._saved[fd] = saved
+                read_end, write_end = os.pipe()
+                with contextlib.suppress(OSError):  # a smaller default pipe still works, only sooner full
+                    fcntl.fcntl(write_end, self._F_SETPIPE_SZ, self.PIPE_BYTES)
+                os.dup2(write_end, fd)
+                os.close(write_end)
+                pump = threading.Thread(target=self._pump, args=(read_end, saved), daemon=True,
+                                        name=f"airflow-ray-fd{fd}-pump")
+                pump.start()
+                self._pumps.append(pump)
+        except OSError:
+            self.stop()
+            raise
+
+    def _pump(self, read_end: int, original: int) -> None:
+        partial = b""
+        try:
+            while data := os.read(read_end, 65536):
+                with contextlib.suppress(OSError):  # the worker's own log file is gone: keep capturing
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(original, view):]
+                if self._detached:
+                    continue
+                partial += data
+                head, newline, partial = partial.rpartition(b"\n")
+                if newline:
+                    self._sink.write(head.decode(errors="replace") + "\n")
+            if partial and not self._detached:  # ended without a newline: still a line of its own, not
+                self._sink.write(partial.decode(errors="replace") + "\n")  # the head of the other stream's next
+        finally:
+            os.close(read_end)
+            os.close(original)
+
+    def stop(self) -> None:
+        """Flush every stream into the pipes, give the descriptors back, and drain what is left."""
+        _flush_c_streams()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        for fd, saved in self._saved.items():
+            os.dup2(saved, fd)
+        # A pump ends at EOF, i.e. at once unless a child process the callable left running still holds
+        # the pipe; that child's later output then goes on to Ray's worker log only.
+        for pump in self._pumps:
+            pump.join(timeout=2.0)
+        self._detached = True
+
+
+def _flush_c_streams() -> None:
+    """``fflush(NULL)``: what C code buffered in its ``stdout``/``stderr`` is written out now."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).fflush(None)
+
+
+def _backed_by_descriptors() -> bool:
+    """Whether ``sys.stdout``/``sys.stderr`` write to descriptors 1 and 2 (in a Ray worker they do)."""
+    try:
+        return sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 @contextmanager
 def _captured_output(sink: _LogSink) -> Iterator[None]:
+    """The callable's output, all of it, copied to the sink: descriptors 1 and 2 where Python's streams
+    use them (then ``print`` reaches the sink through the descriptor, once), else Python's streams."""
     old_out, old_err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Tee(old_out, sink), _Tee(old_err, sink)
+    fds: _FdCapture | None = None
+    if _backed_by_descriptors():
+        fds = _FdCapture(sink)
+        try:
+            fds.start()
+        except OSError as exc:  # no spare descriptors: Python-level output only
+            print(f"Capturing only Python's own output for this task: cannot redirect descriptors ({exc})",
+                  file=sys.stderr)
+            fds = None
+    if fds is None:
+        sys.stdout, sys.stderr = _Tee(old_out, sink), _Tee(old_err, sink)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -158,6 +267,8 @@ def _captured_output(sink: _LogSink) -> Iterator[None]:
         sys.stdout.flush()
         sys.stderr.flush()
         sys.stdout, sys.stderr = old_out, old_err
+        if fds is not None:
+            fds.stop()
 
 
 class _MadeByThisTry:
@@ -282,7 +393,9 @@ def run_callable(payload: tuple[Any, ...], key: str, owner: Any) -> Any:
     """
     sink = _LogSink(owner, key)
     ctx = ray.get_runtime_context()
-    sink.event(node_id=ctx.get_node_id(), node_ip=ray.util.get_node_ip_address(), pid=os.getpid())
+    # Where it runs, as the Ray dashboard names it: the Airflow task links to its task, node and worker logs.
+    sink.event(node_id=ctx.get_node_id(), node_ip=ray.util.get_node_ip_address(), pid=os.getpid(),
+               task_id=ctx.get_task_id(), job_id=ctx.get_job_id(), worker_id=ctx.get_worker_id())
     sink.start()
     try:
         fn_bytes, args, kwargs, job = (*payload, None)[:4]

@@ -220,6 +220,19 @@ class RayHook(BaseHook):
         return get_provider_info()["connection-types"][0]["ui-field-behaviour"]
 
 
+def dashboard_url(settings: RaySettings) -> str | None:
+    """The connection's ``dashboard_url``, else for the embedded head its own dashboard when it runs one
+    (``airflow-ray local start --dashboard``); None: no dashboard to link to.
+
+    Not what the cluster itself reports: on a remote cluster that is the head's internal address,
+    which a browser outside the cluster's network usually cannot open.
+    """
+    if settings.dashboard_url or settings.address.kind != LOCAL:
+        return settings.dashboard_url
+    state = LocalRayCluster().status()
+    return state.dashboard_url.rstrip("/") if state is not None and state.dashboard_url else None
+
+
 def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 

@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from airflow_ray_provider.exceptions import RayConnectionError
 
@@ -94,6 +95,9 @@ class RaySettings:
     checkpoint_path: str | None = None
     checkpoint_conn_id: str | None = None
     checkpoint_storage_options: dict[str, Any] = field(default_factory=dict)
+    # The Ray dashboard as the users' browsers reach it (an ingress, a port-forward): the base of each
+    # task's links to its Ray task, node and logs. None: derived for the embedded head, else no links.
+    dashboard_url: str | None = None
     # Which connection field the address came from, so the UI's Test button can say which one won.
     address_source: str = "default"
 
@@ -131,8 +135,42 @@ class RaySettings:
             autoscaling=bool(autoscaling),
             checkpoint_storage_options=_as_dict(extra_d.get("checkpoint_storage_options"),
                                                 "checkpoint_storage_options"),
+            dashboard_url=parse_dashboard_url(extra_d.get("dashboard_url")),
             **checkpoint,
         )
+
+
+def parse_dashboard_url(value: Any) -> str | None:
+    """``http(s)://host[:port][/path]`` without a trailing slash, or None for empty; raise naming what is wrong.
+
+    It becomes the start of links every UI user can click, so only a web address is taken: no other
+    scheme (``javascript:``), no credentials (every viewer would see them), no query or fragment
+    (the dashboard's own routes go in the fragment).
+    """
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise RayConnectionError(f"Ray connection field 'dashboard_url' must be a string, got {value!r}")
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # raises on a port that is not a number or out of range
+    except ValueError as exc:
+        raise RayConnectionError(f"Ray connection field 'dashboard_url' {value!r} is not a URL: {exc}") from None
+    problem = (
+        "must start with http:// or https://" if parts.scheme not in ("http", "https")
+        else "has no host" if not parts.hostname
+        else "must not carry a user name or password" if parts.username is not None or parts.password is not None
+        else "must not have a query or fragment" if parts.query or parts.fragment or "#" in text
+        else None
+    )
+    if problem:
+        raise RayConnectionError(
+            f"Ray connection field 'dashboard_url' {value!r} {problem}, e.g. http://ray-head:8265"
+        )
+    return text.rstrip("/")
 
 
 def _host_port_address(host: str | None, port: int | str | None) -> RayAddress | None:

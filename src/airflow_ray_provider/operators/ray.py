@@ -12,24 +12,56 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.operators.python import PythonOperator
+from airflow.sdk.exceptions import TaskDeferred
 
 from airflow_ray_provider.bundle import with_shipped_code
-from airflow_ray_provider.hooks.ray import RayHook
+from airflow_ray_provider.hooks.ray import RayHook, dashboard_url
 from airflow_ray_provider.hooks.settings import merge_runtime_env
+from airflow_ray_provider.links.ray import RAY_LINKS, RayPlace, RayTaskLink
+from airflow_ray_provider.operators.durable import STATE_KEY, check_run_record, reattach_window, run_record
 from airflow_ray_provider.serialization import is_portable
+from airflow_ray_provider.storage import store_conn_id
+from airflow_ray_provider.version_compat import ResumableJobMixin
 from airflow_ray_provider.xcom.reference import Location, Origin, RayObject, RayObjectDict, RayObjectList
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_ray_provider.cluster.worker import CheckpointJob
+    from airflow_ray_provider.hooks.settings import RaySettings
     from airflow_ray_provider.submission import RayTaskRun
 
 
-class RayPythonOperator(PythonOperator):
+# The triggers of a triggerer that died are reassigned once its heartbeat is older than
+# [triggerer] triggerer_health_check_threshold (30 s by default) and another one picks them up; a deferred
+# run waits unpolled for that, with room for a loaded scheduler.
+TRIGGERER_FAILOVER_S = 120.0
+
+
+@dataclass
+class _Prepared:
+    """One try's call, ready to submit or to compare with what an earlier try submitted."""
+
+    settings: RaySettings
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    fn_bytes: bytes
+    fingerprint: str
+
+
+@dataclass
+class _Outcome:
+    """The task's return value, and whether the Ray object behind it stays held (an XCom reference)."""
+
+    value: Any
+    keep: bool
+
+
+class RayPythonOperator(ResumableJobMixin, PythonOperator):
     """Runs ``python_callable`` on a Ray cluster and returns its result.
 
     :param ray_conn_id: the ``ray`` connection (default ``ray_default``; absent means embedded).
@@ -48,13 +80,19 @@ class RayPythonOperator(PythonOperator):
         connection's ``checkpoint_path`` extra, else ``$AIRFLOW_HOME/ray-checkpoints``).
     :param checkpoint_conn_id: the Airflow connection with the store's credentials (e.g. ``aws``).
     :param checkpoint_recompute: run the callable even if a matching checkpoint exists.
+    :param durable: record the submitted Ray task in the task state store (Airflow 3.3+), so that a
+        retry after this try's process died re-attaches to it instead of running the callable again;
+        the owner actor then keeps an unpolled run for the time a retry takes to come
+        (:func:`~airflow_ray_provider.operators.durable.reattach_window`). ``False``: every try starts over.
     """
 
     template_fields: Sequence[str] = ("templates_dict", "op_args", "op_kwargs", "runtime_env")
     template_fields_renderers = {"templates_dict": "json", "op_args": "py", "op_kwargs": "py",
                                  "runtime_env": "json"}
+    operator_extra_links = RAY_LINKS
     # How the XCom backend tells a Ray task from others without importing this class (no import cycle).
     runs_on_ray = True
+    external_id_key = STATE_KEY
 
     def __init__(
         self,
@@ -73,6 +111,8 @@ class RayPythonOperator(PythonOperator):
         checkpoint_path: str | None = None,
         checkpoint_conn_id: str | None = None,
         checkpoint_recompute: bool = False,
+        durable: bool = True,
+        deferrable: bool | None = None,
         **kwargs: Any,
     ) -> None:
         for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus), ("memory", memory)):
@@ -100,8 +140,22 @@ class RayPythonOperator(PythonOperator):
         self.checkpoint_recompute = bool(checkpoint_recompute)
         self._ray_run: RayTaskRun | None = None
         self._ray_identity: dict[str, Any] = {}
-        self._store_conn_id: str | None = None
+        self._prepared: _Prepared | None = None
+        self._outcome: _Outcome | None = None
+        # Where this try's Ray task ran and the dashboard to show it in: what the extra links are built from.
+        self.ray_place: RayPlace | None = None
+        self.ray_dashboard_url: str | None = None
+        if not isinstance(durable, bool):
+            raise ValueError(f"@task.ray durable must be True or False, got {durable!r}")
+        if deferrable is None:
+            from airflow_ray_provider.config import default_deferrable
+
+            deferrable = default_deferrable()
+        if not isinstance(deferrable, bool):
+            raise ValueError(f"@task.ray deferrable must be True or False, got {deferrable!r}")
+        self.deferrable = deferrable
         super().__init__(
+            durable=durable,
             python_callable=python_callable,
             op_args=op_args,
             op_kwargs=op_kwargs,
@@ -117,6 +171,10 @@ class RayPythonOperator(PythonOperator):
         return label
 
     def execute(self, context: Context) -> Any:
+        self._set_identity(context)
+        return super().execute(context)
+
+    def _set_identity(self, context: Context) -> None:
         ti = context["ti"]
         self._ray_identity = {
             "run_id": context.get("run_id"),
@@ -126,7 +184,6 @@ class RayPythonOperator(PythonOperator):
             "context": context,
             "recompute": _recompute_requested(context, self.task_id),
         }
-        return super().execute(context)
 
     @staticmethod
     def _materialize(value: Any) -> Any:
@@ -159,9 +216,48 @@ class RayPythonOperator(PythonOperator):
             kwargs[name] = self._materialize(value)
         return kwargs
 
+    # -- durable execution (ResumableJobMixin): submit, record, re-attach ---------------------------------
     def execute_callable(self) -> Any:
+        context = self._ray_identity.get("context") or {}
+        return self._guarded(lambda: self.execute_resumable(context))
+
+    def _guarded(self, body: Callable[[], Any]) -> Any:
+        """Run ``body`` (which sets ``self._ray_run``) so that no exit leaves a Ray task running or held for nothing."""
+        self._prepared = None
+        self._outcome = None
+        keep = False
+        try:
+            result = body()
+            keep = self._outcome is not None and self._outcome.keep
+            return result
+        except TaskDeferred:
+            keep = True  # the triggerer watches the Ray task now; execute_complete collects it
+            raise
+        except BaseException:
+            if self._ray_run is not None:
+                self._ray_run.cancel()  # timeout, SIGTERM or any local error: leave nothing running in Ray
+            raise
+        finally:
+            if self._ray_run is not None and not keep:
+                self._ray_run.release()
+            self._ray_run = None
+
+    def _follow(self, key: str, namespace: str, shard: int, lease_s: float) -> RayTaskRun:
+        """The Airflow side of a Ray task an earlier try (or this task before it deferred) submitted."""
         from airflow_ray_provider.submission import RayTaskRun
 
+        run = RayTaskRun(key=key, task_label=self.task_label, namespace=namespace,
+                         shards=self._prepare().settings.owner_shards, shard=shard, lease_s=lease_s, log=self.log)
+        run.submitted = True
+        return run
+
+    def _prepare(self) -> _Prepared:
+        """Connect, check the request fits, and turn the call into what the owner actor submits."""
+        from airflow_ray_provider.serialization import dumps_callable
+        from airflow_ray_provider.submission import run_fingerprint
+
+        if self._prepared is not None:
+            return self._prepared
         hook = RayHook(self.ray_conn_id)
         settings = hook.settings
         hook.get_conn()
@@ -172,9 +268,21 @@ class RayPythonOperator(PythonOperator):
         )
         kwargs = self._portable_kwargs()
         args = tuple(self._materialize(a) for a in self.op_args)
+        fn_bytes = dumps_callable(self.python_callable, self.task_label)
+        # What a re-attaching try compares, and what checkpoint reuse keys on: the callable and its inputs.
+        fingerprint = run_fingerprint(fn_bytes, inputs_digest((args, kwargs)))
+        self._prepared = _Prepared(settings, args, kwargs, fn_bytes, fingerprint)
+        return self._prepared
+
+    def submit_job(self, context: Context) -> dict[str, Any]:
+        """Submit the Ray task through the owner actor; return the signed record a later try re-attaches by."""
+        from airflow_ray_provider.submission import RayTaskRun
+
+        prepared = self._prepare()
+        settings = prepared.settings
         job = self._checkpoint_job() if self.checkpoint else None
-        inputs = inputs_digest((args, kwargs)) if job is not None else None
-        args, kwargs = by_reference((args, kwargs), self.ray_conn_id, settings.namespace, self.task_label, self.log)
+        args, kwargs = by_reference((prepared.args, prepared.kwargs), self.ray_conn_id, settings.namespace,
+                                    self.task_label, self.log)
         options: dict[str, Any] = {"name": self.task_label}
         for name, value in (("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus), ("memory", self.memory),
                             ("max_retries", self.ray_max_retries)):
@@ -188,32 +296,170 @@ class RayPythonOperator(PythonOperator):
         ident = self._ray_identity
         key = "/".join(str(p) for p in (self.dag_id, ident.get("run_id"), self.task_id, ident.get("map_index", -1),
                                         ident.get("try_number", 1), uuid.uuid4().hex[:8]))
+        lease_s = self._lease()
         run = RayTaskRun(key=key, task_label=self.task_label, namespace=settings.namespace,
-                         shards=settings.owner_shards, lease_s=settings.lease_timeout, log=self.log)
+                         shards=settings.owner_shards, lease_s=lease_s, hold_s=self._hold(), log=self.log)
         self._ray_run = run
-        keep = False
-        try:
-            run.submit(self.python_callable, args, kwargs, options, job=job, inputs_digest=inputs)
-            status = run.wait()
-            if status["state"] != "finished":
-                run.raise_failure(status)
-            if not ray_xcom_backend_active():
-                return run.fetch()
-            if not self.do_xcom_push:
-                return None
+        run.submit(prepared.fn_bytes, args, kwargs, options, job=job, fingerprint=prepared.fingerprint)
+        if self.durable:
+            self.log.info("Submitted Ray task %s (key %s, %s); its lease is %gs, so a retry of this task "
+                          "instance can re-attach to it", self.task_label, key, run.owner_label, lease_s)
+        return run_record(self._origin(), self.ray_conn_id, settings.namespace, run.shard, key,
+                          prepared.fingerprint, int(ident.get("try_number", 1)))
+
+    def get_job_status(self, external_id: Any, context: Context) -> str:
+        """What became of the Ray task an earlier try recorded: RUNNING, SUCCEEDED or why not to re-attach."""
+        record = check_run_record(external_id, self._origin(), self.ray_conn_id)
+        if isinstance(record, str):
+            self.log.warning("Task %s: not re-attaching: %s; submitting a new Ray task", self.task_label, record)
+            return "UNTRUSTED"
+        prepared = self._prepare()
+        if record.namespace != prepared.settings.namespace:
+            self.log.info("Task %s: the connection's namespace changed (%s -> %s); submitting a new Ray task",
+                          self.task_label, record.namespace, prepared.settings.namespace)
+            return "CHANGED"
+        earlier = self._follow(record.key, record.namespace, record.shard, prepared.settings.lease_timeout)
+        if record.fingerprint != prepared.fingerprint:
+            self.log.info("Task %s: the callable or its inputs changed since try %d submitted Ray task %s; "
+                          "submitting a new Ray task", self.task_label, record.try_number, record.key)
+            earlier.release()
+            return "CHANGED"
+        status = earlier.state()
+        state = status["state"]
+        if state == "running":
+            return "RUNNING"
+        if state == "finished":
+            return "SUCCEEDED"
+        if state != "unknown":
+            self.log.info("Task %s: Ray task %s that try %d submitted ended %s (%s); submitting a new one",
+                          self.task_label, record.key, record.try_number, state, status.get("error") or "")
+            earlier.release()
+        else:
+            self.log.info("Task %s: Ray task %s that try %d submitted is no longer held (released, reaped or "
+                          "its owner restarted); submitting a new one", self.task_label, record.key,
+                          record.try_number)
+        return state.upper()
+
+    def is_job_active(self, status: str) -> bool:
+        return status == "RUNNING"
+
+    def is_job_succeeded(self, status: str) -> bool:
+        return status == "SUCCEEDED"
+
+    def poll_until_complete(self, external_id: Any, context: Context) -> Any:
+        """Wait for the Ray task, streaming its log; on a re-attach also return the result (as the mixin expects).
+
+        Deferrable: hand the wait to the triggerer instead (this raises ``TaskDeferred``).
+        """
+        reattached = self._ray_run is None
+        if reattached:  # a later try re-attaching to a running Ray task
+            self._attach(external_id)
+        if self.deferrable:
+            self._defer()
+        self._wait()
+        return self.get_job_result(external_id, context) if reattached else None
+
+    def _defer(self) -> None:
+        from airflow_ray_provider.triggers.ray import RayRunTrigger, sign_run
+
+        run = self._ray_run
+        assert run is not None
+        namespace = self._prepare().settings.namespace
+        self.log.info("Deferring: the triggerer watches Ray task %s (key %s, %s) and this task resumes to "
+                      "collect its result", self.task_label, run.key, run.owner_label)
+        self.defer(
+            trigger=RayRunTrigger(ray_conn_id=self.ray_conn_id, namespace=namespace, shard=run.shard, key=run.key,
+                                  task_label=self.task_label,
+                                  signature=sign_run(self.ray_conn_id, namespace, run.shard, run.key)),
+            method_name="execute_complete",
+            # Resumed with execution_timeout's remainder: the trigger times out, and its cancellation
+            # (the task is no longer deferred) cancels the Ray task.
+            timeout=self.execution_timeout,
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
+        """Resumed after the trigger saw the Ray task end: stream its log, then return or fail as ``execute`` would."""
+        self._set_identity(context)
+        event = check_event(event, self.ray_conn_id, self.task_label)  # raises on a forged or error event
+
+        def collect() -> Any:
+            self._ray_run = self._follow(event["key"], event["namespace"], int(event["shard"]), self._lease())
+            self._wait()
+            assert self._outcome is not None
+            return self._outcome.value
+
+        # PythonOperator.execute would log and return this; TaskFlow pushes it (and splits multiple_outputs).
+        return self._guarded(collect)
+
+    def get_job_result(self, external_id: Any, context: Context) -> Any:
+        if self._ray_run is None:  # a later try re-attaching to a finished Ray task
+            self._attach(external_id)
+        if self._outcome is None:
+            self._wait()
+        assert self._outcome is not None
+        return self._outcome.value
+
+    def _attach(self, external_id: Any) -> None:
+        record = check_run_record(external_id, self._origin(), self.ray_conn_id)
+        assert not isinstance(record, str)  # get_job_status refused it otherwise
+        lease_s = self._lease()
+        run = self._follow(record.key, record.namespace, record.shard, lease_s)
+        self._ray_run = run
+        run.set_lease(lease_s, self._hold())
+        self.log.info("Re-attached to Ray task %s (key %s, %s), submitted by try %d; not running the callable "
+                      "again. Its log so far follows", self.task_label, record.key, run.owner_label,
+                      record.try_number)
+
+    def _wait(self) -> None:
+        """Wait for the run to end and turn it into the task's return value (``self._outcome``)."""
+        from airflow_ray_provider.submission import RayTaskRun
+
+        run = self._ray_run
+        assert isinstance(run, RayTaskRun)
+        status = run.wait(on_start=self._note_place)
+        if status["state"] != "finished":
+            run.raise_failure(status)
+        settings = self._prepare().settings
+        if not ray_xcom_backend_active():
+            self._outcome = _Outcome(run.fetch(), keep=False)
+        elif not self.do_xcom_push:
+            self._outcome = _Outcome(None, keep=False)
+        else:
             written = run.events.get("checkpoint")
-            stored = None if job is None or not written else {
-                "uri": written["uri"], "sha256": written["sha256"], "conn_id": self._store_conn_id, "part": None}
-            result = self._reference(run, Location(self.ray_conn_id, settings.namespace, run.shard), stored)
-            keep = True
-            return result
-        except BaseException:
-            run.cancel()  # timeout, SIGTERM or any local error: leave nothing running in Ray
-            raise
-        finally:
-            if not keep:
-                run.release()
-            self._ray_run = None
+            stored = None if not self.checkpoint or not written else {
+                "uri": written["uri"], "sha256": written["sha256"],
+                "conn_id": store_conn_id(settings, self.checkpoint_conn_id), "part": None}
+            reference = self._reference(run, Location(self.ray_conn_id, settings.namespace, run.shard), stored)
+            self._outcome = _Outcome(reference, keep=True)
+
+    def _note_place(self, events: Mapping[str, Any]) -> None:
+        """The Ray task started: keep where it runs for the extra links, and log the dashboard's page for it."""
+        self.ray_place = RayPlace.from_events(events)
+        try:
+            self.ray_dashboard_url = dashboard_url(self._prepare().settings)
+        except OSError as exc:  # the embedded head's state file: a link is not worth failing the Ray task for
+            self.log.warning("No Ray dashboard links for task %s: %s", self.task_label, exc)
+            return
+        url = RayTaskLink().url_for(self.ray_dashboard_url, self.ray_place)
+        if url:
+            self.log.info("Ray dashboard: %s (the task's Ray task, node and worker logs links show it too)", url)
+
+    def _hold(self) -> float:
+        """For a durable task that may still be retried: the time Airflow takes to notice a dead try and
+        start the next one (0 otherwise). The owner waits that long, beyond the lease, for the retry."""
+        if not self.durable:
+            return 0.0
+        return reattach_window(self, int(self._ray_identity.get("try_number", 1)))
+
+    def _lease(self) -> float:
+        """How long the owner keeps a run nobody polls: the connection's lease plus the hold (above);
+        a deferred run also covers a triggerer handing its triggers to another."""
+        return (self._prepare().settings.lease_timeout + self._hold()
+                + (TRIGGERER_FAILOVER_S if self.deferrable else 0.0))
+
+    def _origin(self) -> Origin:
+        ident = self._ray_identity
+        return Origin(self.dag_id, self.task_id, str(ident.get("run_id") or ""), ident.get("map_index", -1))
 
     def _checkpoint_job(self) -> CheckpointJob:
         from airflow_ray_provider.cluster.checkpoint import TaskCheckpoint, TaskKey
@@ -221,7 +467,7 @@ class RayPythonOperator(PythonOperator):
         from airflow_ray_provider.storage import store_for
 
         ident = self._ray_identity
-        store, self._store_conn_id = store_for(self.ray_conn_id, self.checkpoint_path, self.checkpoint_conn_id)
+        store, _ = store_for(self.ray_conn_id, self.checkpoint_path, self.checkpoint_conn_id)
         key = TaskKey(self.dag_id, str(ident.get("run_id") or ""), self.task_id, int(ident.get("map_index", -1)))
         mapped_over = not ident.get("is_mapped") and next(self.iter_mapped_dependants(), None) is not None
         split = "dict" if self.multiple_outputs else "auto" if mapped_over else None
@@ -237,8 +483,7 @@ class RayPythonOperator(PythonOperator):
             return submission.bounded_get(ref, timeout=timeout, what=f"{run.owner_label}: {method} of Ray task "
                                           f"{self.task_label} (key {run.key})")
 
-        ident = self._ray_identity
-        origin = Origin(self.dag_id, self.task_id, str(ident.get("run_id") or ""), ident.get("map_index", -1))
+        origin = self._origin()
         info = owner_call(run.owner.describe.remote(run.key), "describe", submission.OWNER_CALL_TIMEOUT_S)
         meta = info["meta"]
         names = run.events.get("names")
@@ -265,6 +510,27 @@ class RayPythonOperator(PythonOperator):
         if run is not None:
             run.cancel()
 
+
+
+def check_event(event: Any, conn_id: str, task_label: str) -> dict[str, Any]:
+    """The trigger's event, if it names a run this deployment deferred on (it comes back through the DB)."""
+    from airflow_ray_provider.exceptions import RayConnectionError, SigningError
+    from airflow_ray_provider.triggers.ray import verify_run
+
+    if not isinstance(event, dict):
+        raise SigningError(f"Task {task_label} resumed with {type(event).__name__} instead of a trigger event")
+    if event.get("status") != "done":
+        raise RayConnectionError(f"Task {task_label}: the trigger watching its Ray task gave up: "
+                                 f"{event.get('message') or event}")
+    try:
+        signed = verify_run(conn_id, str(event["namespace"]), int(event["shard"]), str(event["key"]),
+                            event.get("signature"))
+    except (KeyError, TypeError, ValueError):
+        signed = False
+    if not signed:
+        raise SigningError(f"Task {task_label} resumed with an event for Ray key {event.get('key')!r} on "
+                           f"connection {conn_id!r} that this deployment did not sign; not reading it")
+    return event
 
 
 def _item(info: dict[str, Any], location: Location, origin: Origin, item: str | None,

@@ -105,7 +105,9 @@ def collect_garbage(*, conn_id: str = DEFAULT_CONN_ID, retention_s: float | None
             if info["state"] == "running" or key in live:
                 continue
             finished_at = info.get("finished_at") or now
-            if key in expired or now - finished_at >= grace_s:
+            # A durable run is held for the time its task instance may take to come back for it
+            # (a retry re-attaches to the result its dead try never recorded in an XCom row).
+            if key in expired or now - finished_at >= max(grace_s, float(info.get("hold_s") or 0.0)):
                 doomed.append(key)
         if doomed and not dry_run:
             # Two owner-call bounds: dropping thousands of refs makes Ray free their objects as it goes.

@@ -1,0 +1,292 @@
+"""RayRunTrigger against a real Ray head: runs submitted with RayTaskRun, watched only by triggers.
+
+The pytest process is the Ray driver that submits (a stand-in for the task process that defers);
+the triggers under test reach Ray only through their watcher subprocesses, one per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from airflow_ray_provider.submission import RayTaskRun
+from airflow_ray_provider.triggers import RayRunTrigger, sign_run, watcher
+from airflow_ray_provider.triggers import ray as trigger_mod
+
+LOG = logging.getLogger(__name__)
+NAMESPACE = "tests"  # the ray_default connection's namespace (conftest.ray_cluster)
+CONN = "ray_default"
+EVENT_WITHIN_S = 120.0  # a few seconds of work plus a watcher start on a busy 2-core machine
+
+
+def _sleep_then(seconds: float, fail: bool = False) -> str:
+    time.sleep(seconds)
+    if fail:
+        raise ValueError("the callable failed on purpose")
+    return "slept"
+
+
+@pytest.fixture
+def submit(ray_cluster: str) -> Iterator[Callable[..., RayTaskRun]]:
+    """Submit ``_sleep_then`` runs from this process; released afterwards."""
+    from airflow_ray_provider.hooks.ray import RayHook
+
+    RayHook().get_conn()
+    runs: list[RayTaskRun] = []
+
+    def _submit(seconds: float, *, fail: bool = False, lease_s: float = 60.0) -> RayTaskRun:
+        key = f"trigger/{uuid.uuid4().hex}"
+        run = RayTaskRun(key=key, task_label=f"test.{key}", namespace=NAMESPACE, shards=2, lease_s=lease_s, log=LOG)
+        run.submit(_sleep_then, (seconds,), {"fail": fail}, {"num_cpus": 0})
+        runs.append(run)
+        return run
+
+    yield _submit
+    for run in runs:
+        run.release()
+
+
+def _trigger(run: RayTaskRun, conn_id: str = CONN, poll_interval: float = 0.5, **overrides: Any) -> RayRunTrigger:
+    fields: dict[str, Any] = {"ray_conn_id": conn_id, "namespace": NAMESPACE, "shard": run.shard, "key": run.key,
+                              "task_label": run.task_label, "poll_interval": poll_interval}
+    fields["signature"] = sign_run(conn_id, NAMESPACE, run.shard, run.key)
+    fields.update(overrides)
+    return RayRunTrigger(**fields)
+
+
+async def _events(trigger: RayRunTrigger) -> list[dict[str, Any]]:
+    return [event.payload async for event in trigger.run()]
+
+
+def _arun(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
+    """Run in a fresh loop, stopping that loop's watchers afterwards."""
+
+    async def _main() -> Any:
+        try:
+            return await asyncio.wait_for(coro_fn(), EVENT_WITHIN_S)
+        finally:
+            await watcher.close_all()
+
+    return asyncio.run(_main())
+
+
+def _state(run: RayTaskRun) -> str:
+    """The run's state as the owner sees it (from this process, not through a trigger)."""
+    return run.state()["state"]
+
+
+def test_serialize_round_trips() -> None:
+    trigger = RayRunTrigger(ray_conn_id=CONN, namespace="ns", shard=1, key="k", task_label="t",
+                            signature=sign_run(CONN, "ns", 1, "k"))
+    path, kwargs = trigger.serialize()
+    assert path == "airflow_ray_provider.triggers.ray.RayRunTrigger"
+    assert RayRunTrigger(**kwargs).serialize() == (path, kwargs)
+    assert json.loads(json.dumps(kwargs)) == kwargs  # what the trigger row stores
+
+
+def test_finished_and_failed_runs(submit: Callable[..., RayTaskRun]) -> None:
+    ok, bad = submit(3.0), submit(2.0, fail=True)
+
+    async def _both() -> list[list[dict[str, Any]]]:
+        return await asyncio.gather(_events(_trigger(ok)), _events(_trigger(bad)))
+
+    (done_ok,), (done_bad,) = _arun(_both)
+    assert done_ok == {"status": "done", "state": "finished", "key": ok.key, "shard": ok.shard,
+                       "namespace": NAMESPACE, "ray_conn_id": CONN,
+                       "signature": sign_run(CONN, NAMESPACE, ok.shard, ok.key), "error": None}
+    assert done_bad["status"] == "done" and done_bad["state"] == "failed", done_bad
+    assert "the callable failed on purpose" in (done_bad["error"] or "")
+    assert trigger_mod.verify_run(CONN, NAMESPACE, done_bad["shard"], done_bad["key"], done_bad["signature"])
+
+
+@pytest.mark.parametrize("tamper", ["forged", "other_key", "other_shard", "empty"])
+def test_unsigned_trigger_touches_nothing(submit: Callable[..., RayTaskRun], monkeypatch: pytest.MonkeyPatch,
+                                          tamper: str) -> None:
+    run = submit(4.0, lease_s=30)
+    other = f"trigger/{uuid.uuid4().hex}"
+    trigger = {
+        "forged": lambda: _trigger(run, signature="hmac-sha256:" + "0" * 64),
+        # a valid signature, for another run: the row was edited to point at this one
+        "other_key": lambda: _trigger(run, signature=sign_run(CONN, NAMESPACE, run.shard, other)),
+        "other_shard": lambda: _trigger(run, shard=1 - run.shard),
+        "empty": lambda: _trigger(run, signature=""),
+    }[tamper]()
+    requests: list[Any] = []
+    monkeypatch.setattr(watcher.WatcherClient, "request", lambda self, *a, **kw: requests.append(a))
+    (event,) = _arun(lambda: _events(trigger))
+    assert event["status"] == "error"
+    assert trigger.key in event["message"] and "not signed by this deployment" in event["message"]
+    assert requests == []  # neither a poll nor a cancel reached a watcher
+    # Nor a cancel through the cancellation path (a user marking the task failed).
+    trigger.task_instance = SimpleNamespace(dag_id="d", task_id="t", run_id="r", map_index=-1)
+    monkeypatch.setattr(trigger_mod.RayRunTrigger, "safe_to_cancel", _always(True))
+    _arun(trigger.on_kill)
+    assert requests == []
+    assert _state(run) == "running"
+
+
+def _always(value: bool) -> Callable[..., Awaitable[bool]]:
+    async def _answer(self: Any) -> bool:
+        return value
+
+    return _answer
+
+
+def test_event_loop_is_never_blocked(submit: Callable[..., RayTaskRun]) -> None:
+    runs = [submit(4.0) for _ in range(20)]
+    lags: list[float] = []
+
+    async def _watch() -> list[list[dict[str, Any]]]:
+        stop = asyncio.Event()
+
+        async def _monitor() -> None:
+            while not stop.is_set():
+                before = time.perf_counter()
+                await asyncio.sleep(0.01)
+                lags.append(time.perf_counter() - before - 0.01)
+
+        monitor = asyncio.create_task(_monitor())
+        try:
+            return await asyncio.gather(*(_events(_trigger(run)) for run in runs))
+        finally:
+            stop.set()
+            await monitor
+
+    results = _arun(_watch)
+    assert [events[0]["state"] for events in results] == ["finished"] * 20
+    assert len(lags) > 100
+    # Loose on purpose (a shared 2-core machine); a blocking ray.get in the loop would show seconds.
+    assert max(lags) < 1.0, f"event loop stalled {max(lags):.3f}s (p50 {sorted(lags)[len(lags) // 2]:.4f}s)"
+
+
+def test_trigger_alone_keeps_the_lease(submit: Callable[..., RayTaskRun]) -> None:
+    """Only the trigger polls a run with an 8 s lease for 20 s: without renewal the owner would reap it."""
+    run = submit(20.0, lease_s=8)
+    (event,) = _arun(lambda: _events(_trigger(run, poll_interval=2.0)))
+    assert event["state"] == "finished", event
+
+
+def test_killed_watcher_is_restarted(submit: Callable[..., RayTaskRun]) -> None:
+    run = submit(8.0)
+
+    async def _watch() -> tuple[list[dict[str, Any]], list[int]]:
+        client = watcher.get_client(CONN)
+        task = asyncio.create_task(_events(_trigger(run)))
+        while not client.alive:  # the first poll starts the watcher
+            await asyncio.sleep(0.1)
+        first = client.proc
+        assert first is not None
+        os.kill(first.pid, signal.SIGKILL)  # as Ray's core does to a driver whose cluster was replaced
+        events = await task
+        assert client.proc is not None
+        return events, [first.pid, client.proc.pid, client.restarts]
+
+    (event,), (first_pid, last_pid, restarts) = _arun(_watch)
+    assert event["state"] == "finished", event
+    assert restarts >= 1 and last_pid != first_pid
+
+
+def test_each_connection_has_its_own_watcher(submit: Callable[..., RayTaskRun],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_RAY_SECOND", os.environ["AIRFLOW_CONN_RAY_DEFAULT"])  # same head
+    one, two = submit(3.0), submit(3.0)
+
+    async def _watch() -> tuple[list[list[dict[str, Any]]], set[int]]:
+        results = await asyncio.gather(_events(_trigger(one)), _events(_trigger(two, conn_id="ray_second")))
+        pids = {proc.pid for c in (watcher.get_client(CONN), watcher.get_client("ray_second"))
+                if (proc := c.proc) is not None}
+        return results, pids
+
+    ((first,), (second,)), pids = _arun(_watch)
+    assert (first["state"], first["ray_conn_id"]) == ("finished", CONN)
+    assert (second["state"], second["ray_conn_id"]) == ("finished", "ray_second")
+    assert len(pids) == 2
+
+
+def _fake_task_instance(monkeypatch: pytest.MonkeyPatch, trigger: RayRunTrigger, state: str | None) -> None:
+    """What the triggerer sets on a trigger, and what the API server answers about it."""
+    trigger.task_instance = SimpleNamespace(dag_id="d", task_id="t", run_id="r", map_index=-1)
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    monkeypatch.setattr(RuntimeTaskInstance, "get_task_states",
+                        staticmethod(lambda **kw: {kw["run_ids"][0]: {kw["task_ids"][0]: state}}))
+
+
+@pytest.mark.parametrize(("ti_state", "user_action", "timed_out", "cancelled"), [
+    ("failed", True, False, True),  # marked failed: the triggerer calls on_kill, which cancels the run
+    (None, False, False, True),  # no longer deferred, cancelled without the user-action message: run() cancels
+    # Timed out: the triggerer cancels with the user-action message but skips on_kill; run() must decide.
+    ("scheduled", True, True, True),
+    ("deferred", True, False, False),  # the trigger moved to another triggerer: keep the run
+    ("deferred", False, False, False),  # the triggerer is shutting down: keep the run
+])
+def test_cancellation_follows_the_task_state(submit: Callable[..., RayTaskRun], monkeypatch: pytest.MonkeyPatch,
+                                             ti_state: str | None, user_action: bool, timed_out: bool,
+                                             cancelled: bool) -> None:
+    run = submit(60.0)  # outlives a slow watcher start: the cancel must find it running
+    trigger = _trigger(run)
+    _fake_task_instance(monkeypatch, trigger, ti_state)
+    if timed_out:  # what the triggerer sets on every trigger it runs (workload.timeout_after)
+        trigger.timeout_after = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)
+
+    async def _cancel_midway() -> None:
+        client = watcher.get_client(CONN)
+        task = asyncio.create_task(_events(trigger))
+        while not client.alive:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
+        assert not task.done()
+        # What the triggerer does (triggerer_job_runner.run_trigger / cancel_triggers).
+        task.cancel(trigger_mod.USER_ACTION_CANCEL_MSG if user_action else None)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        if user_action and not timed_out:  # run_trigger skips on_kill for a timed-out trigger
+            await trigger.on_kill()
+
+    _arun(_cancel_midway)
+    if cancelled:
+        assert _state(run) == "cancelled"
+    else:
+        time.sleep(2.0)  # a cancel sent to the owner would have landed by now
+        assert _state(run) == "running"
+        run.cancel()  # the test's own cleanup: the 60 s sleep is not waited for
+
+
+def test_the_triggerer_side_does_not_import_ray() -> None:
+    """The trigger and its client load no Ray: only the watcher subprocess is a Ray driver."""
+    code = ("import sys\n"
+            "from airflow_ray_provider.triggers import RayRunTrigger, sign_run\n"
+            "import airflow_ray_provider.triggers.watcher\n"
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_unreachable_cluster_is_an_error_naming_it(monkeypatch: pytest.MonkeyPatch, connection: Any) -> None:
+    from airflow_ray_provider.local_cluster import free_ports
+
+    (port,) = free_ports(1)  # nothing listens there: every watcher start fails, and is retried with backoff
+    conn_id = connection("ray_dead", extra={"address": f"127.0.0.1:{port}", "namespace": NAMESPACE})
+    monkeypatch.setattr(watcher, "REQUEST_TIMEOUT_S", 5.0)
+    monkeypatch.setattr(trigger_mod, "UNREACHABLE_LIMIT_S", 15.0)  # a failed start or two
+    key = f"trigger/{uuid.uuid4().hex}"
+    trigger = RayRunTrigger(ray_conn_id=conn_id, namespace=NAMESPACE, shard=0, key=key, task_label="t",
+                            poll_interval=0.5, signature=sign_run(conn_id, NAMESPACE, 0, key))
+    (event,) = _arun(lambda: _events(trigger))
+    assert event["status"] == "error", event
+    assert "'ray_dead'" in event["message"] and key in event["message"]
+    assert "could not start" in event["message"]  # why: the watcher's own connect error
