@@ -136,6 +136,45 @@ def test_a_flipped_byte_is_refused_and_never_unpickled(store: Store, tmp_path: P
         ckpt.load_result()
 
 
+@pytest.mark.parametrize("change", ["shorter", "longer"])
+def test_a_data_file_of_another_length_is_refused(store: Store, change: str) -> None:
+    ckpt = task_checkpoint(store)
+    ckpt.write_result(np.arange(100_000.0))
+    fs, _ = store.filesystem()
+    folder = ckpt.result_uri.split("://", 1)[1].rsplit("/", 1)[0]
+    (path,) = [p for p in fs.ls(folder, detail=False) if p.endswith(".npy")]
+    data = fs.cat_file(path)
+    fs.pipe_file(path, data[:-8] if change == "shorter" else data + b"\0" * 8)
+    with pytest.raises(CheckpointCorrupted, match="does not match its manifest") as err:
+        ckpt.load_result()
+    assert ("more than " if change == "longer" else f"{len(data) - 8} bytes") in str(err.value)
+    assert "not loaded" in str(err.value)
+
+
+def test_restored_arrays_keep_their_layout_and_stay_writable(store: Store) -> None:
+    ckpt = task_checkpoint(store)
+    for value in (np.arange(24.0).reshape(2, 3, 4), np.asfortranarray(np.arange(12).reshape(3, 4)),
+                  np.array([], dtype=np.int16), np.full((), 2.5, dtype=np.float32), np.arange(10)[::2]):
+        ckpt.write_result(value)
+        back = ckpt.load_result()
+        assert back.dtype == value.dtype and back.shape == value.shape and np.array_equal(back, value)
+        if value.ndim >= 2 and value.flags.f_contiguous and not value.flags.c_contiguous:
+            assert back.flags.f_contiguous
+        back[...] = 0  # like np.load's result, not a read-only view of someone else's memory
+
+
+def test_s3_data_files_go_through_pyarrow_unless_an_option_needs_s3fs(s3_endpoint: str) -> None:
+    plain = make_store(f"s3://{BUCKET}/route", "ckpt_s3")
+    data_fs, root = plain.data_filesystem()
+    assert type(data_fs).__name__ == "ArrowFSWrapper" and root == f"{BUCKET}/route"
+    assert type(plain.filesystem()[0]).__name__ == "S3FileSystem"  # manifests and listings: s3fs
+    tuned = Store(plain.root, {**plain.storage_options, "max_concurrency": 2}, secret=plain.secret)
+    assert type(tuned.data_filesystem()[0]).__name__ == "S3FileSystem"
+    # Written through one, read through the other: the same objects.
+    TaskCheckpoint(plain, TaskKey("unit_dag", RUN_ID, "routed")).write_result(np.arange(1000))
+    assert np.array_equal(TaskCheckpoint(tuned, TaskKey("unit_dag", RUN_ID, "routed")).load_result(), np.arange(1000))
+
+
 def test_a_manifest_changed_after_the_reference_was_written_is_refused(store: Store) -> None:
     ckpt = task_checkpoint(store)
     info = ckpt.write_result([1, 2, 3])

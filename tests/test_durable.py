@@ -28,6 +28,7 @@ from tests.conftest import PG_HOST, PG_PORT, PG_USER
 from tests.dag_runs import BACKEND
 
 DAG_FILE = Path(__file__).resolve().parent / "dags" / "durable_dags.py"
+PRELOAD_DAG_FILE = DAG_FILE.with_name("preload_dags.py")
 DURABLE, NOT_DURABLE, FINISHED = "ray_durable_reattach", "ray_durable_off", "ray_durable_finished"
 MAPPED = "ray_durable_mapped"  # two mapped instances with multiple_outputs
 DAGS = (DURABLE, NOT_DURABLE, FINISHED, MAPPED)
@@ -77,6 +78,7 @@ def test_a_killed_try_is_reattached_to_or_started_over(database: str, tmp_path: 
     dags.mkdir()
     markers.mkdir()
     shutil.copy(DAG_FILE, dags / DAG_FILE.name)
+    shutil.copy(PRELOAD_DAG_FILE, dags / PRELOAD_DAG_FILE.name)
     conn = json.loads(os.environ["AIRFLOW_CONN_RAY_DEFAULT"])
     conn["extra"] = {**conn["extra"], "lease_timeout": LEASE_S}
     airflow = Airflow(home=tmp_path / "airflow-home", dags=dags, db_url=db_url, extra_env={
@@ -90,7 +92,7 @@ def test_a_killed_try_is_reattached_to_or_started_over(database: str, tmp_path: 
     api = airflow.api
     try:
         airflow.start()
-        for dag_id in DAGS:
+        for dag_id in (*DAGS, "preload_probe"):
             airflow.wait(f"DAG {dag_id} to be parsed", lambda d=dag_id: api.has_dag(d), 150)
         triggered = time.time()
         runs = {dag_id: api.trigger(dag_id) for dag_id in DAGS}
@@ -141,6 +143,13 @@ def test_a_killed_try_is_reattached_to_or_started_over(database: str, tmp_path: 
                     print(f"durable try 2: {event[:300]}")
         print(f"\n{database}: killed {killed - triggered:.1f}s after trigger; runs took "
               f"{time.time() - triggered:.1f}s")
+        # [ray] preload_modules (on by default): a task process, a fork of the scheduler's, starts with Ray
+        # loaded, even for a DAG file that never imports it.
+        probe = api.trigger("preload_probe")
+        assert airflow.wait("preload_probe", lambda: api.run_state("preload_probe", probe), 120) == "success"
+        loaded = api.ok("GET", f"/api/v2/dags/preload_probe/dagRuns/{probe}/taskInstances/loaded/xcomEntries/"
+                               "return_value?deserialize=true")["value"]
+        assert "ray" in json.dumps(loaded) and "airflow_ray_provider.operators.ray" in json.dumps(loaded), loaded
     except TopologyError as exc:
         pytest.fail(str(exc))
     finally:

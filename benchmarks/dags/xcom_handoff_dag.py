@@ -23,6 +23,30 @@ MARKER = "XCOM_BENCH"
 KINDS = ("tiny", "array", "frame")
 
 
+def make_payload(kind: str, size: int) -> Any:
+    """The payload (also run as a plain Ray task by benchmarks/raw_handoff.py, the raw Ray baseline)."""
+    import numpy as np
+    import pandas as pd
+
+    if kind == "tiny":
+        return [1.0, 2.0, 3.0]
+    if kind == "array":
+        return np.random.default_rng(0).random(size * 2**20 // 8)  # float64: 8 bytes each
+    if kind == "frame":
+        rng = np.random.default_rng(0)
+        return pd.DataFrame({"id": np.arange(size, dtype=np.int64), "x": rng.random(size), "y": rng.random(size)})
+    raise ValueError(f"unknown payload kind {kind!r}")
+
+
+def use_payload(kind: str, payload: Any) -> tuple[int, float]:
+    """What the consumer computes: element count and sum (also the raw Ray baseline's consumer)."""
+    if kind == "frame":
+        return len(payload), float(payload["x"].sum() + payload["y"].sum()) + float(payload["id"].sum())
+    if kind == "array":
+        return int(payload.size), float(payload.sum())
+    return len(payload), float(sum(payload))
+
+
 def _report(**fields: Any) -> None:
     import json
 
@@ -52,19 +76,10 @@ def xcom_handoff() -> None:
 
         kind, size = str(params["kind"]), int(params["size"])
         t0 = time.perf_counter()
-        import numpy as np  # timed as compute, for every kind, so warm and cold workers compare alike
-        import pandas as pd
+        import numpy  # noqa: F401 - timed as compute, for every kind, so warm and cold workers compare alike
+        import pandas  # noqa: F401
 
-        if kind == "tiny":
-            payload: Any = [1.0, 2.0, 3.0]
-        elif kind == "array":
-            payload = np.random.default_rng(0).random(size * 2**20 // 8)  # float64: 8 bytes each
-        elif kind == "frame":
-            rng = np.random.default_rng(0)
-            payload = pd.DataFrame({"id": np.arange(size, dtype=np.int64), "x": rng.random(size),
-                                    "y": rng.random(size)})
-        else:
-            raise ValueError(f"unknown payload kind {kind!r}")
+        payload = make_payload(kind, size)
         compute_s = time.perf_counter() - t0
         nbytes = int(getattr(payload, "nbytes", 0)) if kind == "array" else (
             int(payload.memory_usage(index=False).sum()) if kind == "frame" else 24)
@@ -79,15 +94,7 @@ def xcom_handoff() -> None:
         t0 = time.perf_counter()
         import numpy  # noqa: F401 - as in produce
         import pandas  # noqa: F401
-        if kind == "frame":
-            n = len(payload)
-            total = float(payload["x"].sum() + payload["y"].sum()) + float(payload["id"].sum())
-        elif kind == "array":
-            n = int(payload.size)
-            total = float(payload.sum())
-        else:
-            n = len(payload)
-            total = float(sum(payload))
+        n, total = use_payload(kind, payload)
         compute_s = time.perf_counter() - t0
         result = {"task": "consume", "kind": kind, "n": n, "sum": total, "compute_s": compute_s,
                   "type": type(payload).__name__}

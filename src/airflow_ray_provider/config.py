@@ -67,6 +67,11 @@ def ship_cluster_code() -> bool:
     return _conf().getboolean(SECTION, "ship_cluster_code", fallback=True)
 
 
+def preload_modules() -> bool:
+    """``[ray] preload_modules``: the scheduler imports Ray before it forks LocalExecutor task processes."""
+    return _conf().getboolean(SECTION, "preload_modules", fallback=True)
+
+
 def default_deferrable() -> bool:
     """``[ray] default_deferrable``: ``@task.ray`` tasks defer to the triggerer while Ray works, unless told."""
     return _conf().getboolean(SECTION, "default_deferrable", fallback=False)

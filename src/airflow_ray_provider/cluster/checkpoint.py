@@ -31,8 +31,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -122,6 +120,25 @@ class Store:
             raise CheckpointError(f"Cannot open checkpoint root {self.root!r}: {exc}") from exc
         return fs, path.rstrip("/")
 
+    def data_filesystem(self) -> tuple[Any, str]:
+        """Where the (large) data files travel: pyarrow's S3 client for ``s3://`` whenever it can take the
+        store's options, else ``filesystem()``.
+
+        Its output stream uploads parts in the background while the next is encoded, and its input
+        stream is one streamed GET (benchmarks/checkpoint_throughput.py compares both with boto3 and
+        with s3fs). Manifests and listings stay on ``filesystem()``; both see the same bucket and keys.
+        """
+        scheme = self.root.split("://", 1)[0] if "://" in self.root else ""
+        options = self.storage_options
+        plain = set(options) <= {"key", "secret", "token", "endpoint_url", "client_kwargs"} and set(
+            options.get("client_kwargs") or {}) <= {"region_name"}  # nothing pyarrow would drop
+        if scheme in ("s3", "s3a") and plain:
+            try:
+                return _arrow_s3(self.storage_options), self.root.split("://", 1)[1].rstrip("/")
+            except ImportError:
+                pass
+        return self.filesystem()
+
     def signing_secret(self) -> bytes:
         if not self.secret:
             raise CheckpointError(f"Checkpoint store {self.root!r} has no signing secret, so its manifests can be "
@@ -134,13 +151,16 @@ class Store:
         return f"{scheme}://{path}"
 
 
+# The s3fs-style options pyarrow's S3 filesystem can be given (see _arrow_s3).
+_ARROW_S3_OPTIONS = frozenset({"key", "secret", "token", "endpoint_url", "client_kwargs", "config_kwargs"})
+
+
 def _arrow_s3(options: Mapping[str, Any]) -> Any:
     """pyarrow's S3 filesystem, as fsspec, from s3fs-style options (what ``storage.make_store`` gives)."""
     from fsspec.implementations.arrow import ArrowFSWrapper
     from pyarrow.fs import S3FileSystem
 
-    known = {"key", "secret", "token", "endpoint_url", "client_kwargs", "config_kwargs"}
-    unknown = sorted(set(options) - known)
+    unknown = sorted(set(options) - _ARROW_S3_OPTIONS)
     if unknown:
         raise CheckpointError(f"s3fs is not installed on this Ray node, and pyarrow's S3 filesystem cannot take "
                               f"the checkpoint storage option(s) {unknown}; install s3fs on the nodes or drop them")
@@ -274,6 +294,7 @@ class TaskCheckpoint:
                split: str | None = None) -> dict[str, Any]:
         secret = self.store.signing_secret()
         fs, root = self.store.filesystem()
+        data_fs, _ = self.store.data_filesystem()
         folder = self._folder(root, *sub)
         container, names, items = _split(value, split)
         token = uuid.uuid4().hex[:16]
@@ -284,7 +305,7 @@ class TaskCheckpoint:
             for n, (name, item) in enumerate(zip(names, items, strict=True)):
                 codec, writer = _encoder(item)
                 file_name = f"{token}-{n}.{_CODECS[codec]}"
-                digest, size = _put(fs, f"{folder}/{file_name}", writer)
+                digest, size = _put(data_fs, f"{folder}/{file_name}", writer)
                 parts.append({"name": name, "file": file_name, "codec": codec, "type": _type_name(item),
                               "size": size, "sha256": digest})
             # "slot" binds the manifest to its folder: a signed result manifest copied over a progress
@@ -320,7 +341,7 @@ class TaskCheckpoint:
                               slot="/".join(sub))
 
     def _load(self, sub: tuple[str, ...], manifest: Manifest, part: int | None) -> Any:
-        fs, root = self.store.filesystem()
+        fs, root = self.store.data_filesystem()
         folder = self._folder(root, *sub)
         indexes = range(len(manifest.parts)) if part is None else [part]
         if part is not None and not 0 <= part < len(manifest.parts):
@@ -509,21 +530,44 @@ def _arrow_table(frame: Any) -> Any:
         return None
 
 
-def _decode(codec: str, path: str) -> Any:
-    if codec == "npy":
-        import numpy as np
+def _decode(codec: str, body: Any) -> Any:
+    """The value from its verified bytes (a ``bytearray``), without copying them where the format allows."""
+    if codec == "pickle":
+        from ray import cloudpickle
 
-        return np.load(path, allow_pickle=False)
+        return cloudpickle.loads(body)
+    if codec == "npy":
+        return _npy_view(body)
+    import pyarrow as pa
+
     if codec == "parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pandas()
+        return pq.read_table(pa.BufferReader(pa.py_buffer(body))).to_pandas()
     if codec == "arrow":
-        import pyarrow as pa
-
-        with pa.memory_map(path) as source:
-            return pa.ipc.open_file(source).read_all()
+        return pa.ipc.open_file(pa.BufferReader(pa.py_buffer(body))).read_all()
     raise CheckpointCorrupted(f"unknown codec {codec!r}")
+
+
+def _npy_view(body: bytearray) -> Any:
+    """``np.load`` of an ``.npy`` held in memory, as an array over those bytes (writable, like np.load's)."""
+    import numpy as np
+
+    header = io.BytesIO(memoryview(body)[:65536 + 16])
+    version = np.lib.format.read_magic(header)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(header)
+    if dtype.hasobject:
+        raise CheckpointCorrupted("the .npy file holds Python objects, which are never unpickled")
+    count = 1
+    for n in shape:
+        count *= n
+    offset = header.tell()
+    if offset + count * dtype.itemsize != len(body):
+        raise CheckpointCorrupted(f"the .npy header says {count * dtype.itemsize} data bytes, the file has "
+                                  f"{len(body) - offset}")
+    return np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape,
+                                                                                 order="F" if fortran else "C")
 
 
 class _HashingFile(io.RawIOBase):
@@ -551,32 +595,32 @@ def _is_local(fs: Any) -> bool:
 
 
 def _put(fs: Any, path: str, writer: Any) -> tuple[str, int]:
-    """Encode straight into a local file, then let the filesystem upload it its fastest way.
+    """Encode straight into the destination, hashing on the way: no temporary copy on disk or in memory.
 
-    ``put_file`` is where fsspec implementations do multipart, parallel uploads (s3fs: 10 parts at
-    once); streaming through ``fs.open`` would upload one part at a time.
+    On S3 (pyarrow's filesystem, see ``Store.data_filesystem``) the output stream uploads each full
+    part in the background while the next one is encoded and hashed.
     """
     if _is_local(fs):
-        return _encode_to(path, writer)
-    with tempfile.TemporaryDirectory(prefix="airflow-ray-ckpt-") as tmp:
-        local = os.path.join(tmp, "data")
-        digest, size = _encode_to(local, writer)
-        fs.put_file(local, path, **_transfer_options(fs))
-    return digest, size
+        return _encode_to(open(path, "wb"), writer)  # _encode_to closes it
+    return _encode_to(fs.open(path, "wb", **_transfer_options(fs)), writer)
 
 
-def _encode_to(path: str, writer: Any) -> tuple[str, int]:
-    """Run ``writer`` into a local file; returns the sha256 and size of what it wrote."""
-    with open(path, "wb") as raw, io.BufferedWriter(_HashingFile(raw), _CHUNK) as out:
+def _encode_to(raw: Any, writer: Any) -> tuple[str, int]:
+    """Run ``writer`` into the binary file ``raw`` (closed here); returns the sha256 and size of what it wrote."""
+    with raw, io.BufferedWriter(_HashingFile(raw), _CHUNK) as out:
         writer(out)
         out.flush()
         return out.raw.sha256.hexdigest(), out.raw.size
 
 
 def _transfer_options(fs: Any) -> dict[str, Any]:
-    """Part size for multipart uploads: s3fs defaults to 50 MiB; 16 MiB keeps its 10 parallel parts busier."""
+    """Part size for s3fs's uploads and reads (its default is 50 MiB, read ahead); others take their own."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return {"chunksize": 16 * 1024 * 1024} if "s3" in protocols else {}
+    return {"block_size": _CHUNK * 2} if "s3" in protocols and not _is_arrow(fs) else {}
+
+
+def _is_arrow(fs: Any) -> bool:
+    return type(fs).__name__ == "ArrowFSWrapper"
 
 
 def _commit(fs: Any, path: str, body: bytes) -> None:
@@ -607,51 +651,55 @@ def _remove_stale(fs: Any, folder: str, keep: set[str]) -> None:
         log.warning("Could not remove stale checkpoint files in %s: %s: %s", folder, type(exc).__name__, exc)
 
 
-@contextlib.contextmanager
-def _local_copy(fs: Any, path: str) -> Iterator[str]:
-    if _is_local(fs):
-        yield path
-        return
-    tmp = tempfile.mkdtemp(prefix="airflow-ray-ckpt-")
-    try:
-        local = os.path.join(tmp, "data")
-        fs.get_file(path, local)
-        yield local
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _fetch(fs: Any, path: str, expected_size: int) -> tuple[bytearray, str]:
+    """Read a whole data file into memory in one stream, hashing each slice while the next one arrives.
 
+    One sequential stream reads as fast as boto3's parallel download here (SeaweedFS on loopback,
+    benchmarks/checkpoint_throughput.py), and it makes no copy on disk: what is hashed is what is decoded.
+    Reads a byte past ``expected_size`` so that a longer file is noticed, not silently cut.
+    """
+    from concurrent.futures import ThreadPoolExecutor
 
-def _file_digest(path: str) -> tuple[str, int]:
+    body = bytearray(expected_size)
+    view = memoryview(body)
     digest = hashlib.sha256()
+    if _is_local(fs):
+        source = open(path, "rb", buffering=0)  # closed below
+    elif _is_arrow(fs):
+        source = fs.open(path, "rb", seekable=False)  # one GET, streamed
+    else:
+        source = fs.open(path, "rb", cache_type="none", **_transfer_options(fs))
     size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+    with source, ThreadPoolExecutor(1, thread_name_prefix="airflow-ray-ckpt-hash") as hasher:
+        hashing = None
+        while size < expected_size:
+            n = source.readinto(view[size:size + 2 * _CHUNK])
+            if not n:
+                break
+            if hashing is not None:
+                hashing.result()
+            hashing = hasher.submit(digest.update, view[size:size + n])  # hashlib lets the GIL go
+            size += n
+        if hashing is not None:
+            hashing.result()
+        longer = size == expected_size and bool(source.read(1))
+    if size != expected_size or longer:
+        raise CheckpointCorrupted(f"{'more than ' if longer else ''}{size} bytes, expected {expected_size}")
+    return body, digest.hexdigest()
 
 
 def _get(fs: Any, path: str, part: dict[str, Any], store: Store) -> Any:
     url = store.url(path)
     try:
-        with _local_copy(fs, path) as local:
-            if part["codec"] == "pickle":
-                with open(local, "rb") as f:
-                    body = f.read()  # hashed and loaded from the same bytes: nothing can change in between
-                digest, size = hashlib.sha256(body).hexdigest(), len(body)
-            else:
-                digest, size = _file_digest(local)
-            if digest != part["sha256"] or size != part["size"]:
-                raise CheckpointCorrupted(
-                    f"Checkpoint file {url} does not match its manifest ({size} bytes, expected {part['size']}; "
-                    f"sha256 {'matches' if digest == part['sha256'] else 'differs'}). It was corrupted or "
-                    f"tampered with; it was not loaded"
-                )
-            if part["codec"] == "pickle":
-                from ray import cloudpickle
-
-                return cloudpickle.loads(body)
-            return _decode(part["codec"], local)
+        try:
+            body, digest = _fetch(fs, path, int(part["size"]))
+        except CheckpointCorrupted as exc:
+            raise CheckpointCorrupted(f"Checkpoint file {url} does not match its manifest ({exc}). It was "
+                                      f"corrupted or tampered with; it was not loaded") from None
+        if digest != part["sha256"]:
+            raise CheckpointCorrupted(f"Checkpoint file {url} does not match its manifest (its sha256 differs). "
+                                      f"It was corrupted or tampered with; it was not loaded")
+        return _decode(part["codec"], body)  # the very bytes that were hashed: nothing can change in between
     except FileNotFoundError:
         raise CheckpointCorrupted(f"Checkpoint file {url}, named by its manifest, is missing") from None
     except CheckpointError:

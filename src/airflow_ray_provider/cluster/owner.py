@@ -82,6 +82,9 @@ class TaskOwner:
 
     def __init__(self) -> None:
         self._runs: dict[str, _Run] = {}
+        # Submitted runs not yet settling: what the watch loop polls, so its round costs nothing per held result
+        # (an owner may hold tens of thousands of finished ones).
+        self._watching: dict[str, _Run] = {}
         self._background: list[asyncio.Task[None]] = []
 
     def _start_background(self) -> None:
@@ -100,7 +103,7 @@ class TaskOwner:
             raise KeyError(f"Ray task key {key!r} is already in use")
         me = ray.get_runtime_context().current_actor
         ref = worker.run_callable.options(**options).remote(payload[0], key, me)
-        self._runs[key] = _Run(key=key, ref=ref, lease_s=lease_s, hold_s=hold_s)
+        self._runs[key] = self._watching[key] = _Run(key=key, ref=ref, lease_s=lease_s, hold_s=hold_s)
         self._start_background()
         return ref.hex()
 
@@ -108,9 +111,9 @@ class TaskOwner:
         """Notice finished runs without fetching their (possibly huge) results into this actor."""
         while True:
             await asyncio.sleep(_WATCH_INTERVAL_S)
-            pending = [r for r in self._runs.values() if not r.done.is_set() and not r.settling]
-            if not pending:
+            if not self._watching:
                 continue
+            pending = list(self._watching.values())
             try:
                 ready, _ = ray.wait([r.ref for r in pending], num_returns=len(pending), timeout=0,
                                     fetch_local=False)
@@ -121,6 +124,7 @@ class TaskOwner:
             for run in pending:
                 if run.ref in ready_set:
                     run.settling = True
+                    self._watching.pop(run.key, None)
                     asyncio.get_running_loop().create_task(self._settle(run))
 
     async def _settle(self, run: _Run) -> None:
@@ -352,6 +356,8 @@ class TaskOwner:
 
     async def release(self, keys: list[str]) -> int:
         """Drop the refs for ``keys`` so Ray can free the objects."""
+        for k in keys:
+            self._watching.pop(k, None)
         return sum(self._runs.pop(k, None) is not None for k in keys)
 
     async def keys(self) -> list[str]:
