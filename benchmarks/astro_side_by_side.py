@@ -119,7 +119,7 @@ def main() -> int:
                     with sqlite3.connect(Path(env["AIRFLOW_HOME"]) / "airflow.db") as conn:
                         (value,) = conn.execute("SELECT value FROM xcom WHERE dag_id=? AND run_id=? AND task_id='t10' "
                                                 "AND key='return_value'", (dag_id, run_id)).fetchone()
-                    value_ok = json.loads(value) == 10
+                    value_ok = (json.loads(value) if isinstance(value, (str, bytes)) else value) == 10
                 else:
                     value_ok = "VALUE 10" in out
                 print(f"round {i} {name}: wall {wall:.1f}s, task median {statistics.median(durations):.2f}s, "

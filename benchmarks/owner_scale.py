@@ -4,8 +4,9 @@
 
 No Airflow: one driver process (the physical limit for Ray) on an embedded head with ``--cpus`` CPUs.
 
-1. *Held*: ``--held`` trivial runs go through the provider's ``RayTaskRun`` (owner shard 0) and finish; the
-   owner actor keeps every result, as it does for XComs of finished DAG runs. Then the owner actor's idle CPU
+1. *Held*: one run through the provider's ``RayTaskRun`` (owner shard 0) returns a list of ``--held`` items,
+   which the owner splits into one held object per item (as for a task mapped over them); it keeps every
+   one, as it does for XComs of finished DAG runs. Then the owner actor's idle CPU
    use over 10 s and its RSS (the process titled ``ray::TaskOwner``).
 2. *In flight*: ``--inflight`` runs of a body that notes when it started and sleeps 0.2 s, submitted at once
    through ``RayTaskRun`` (with the held results still there), against the same body as raw ``f.remote()``.
@@ -105,21 +106,21 @@ def provider_phase(n: int, tag: str, owner: Any) -> dict[str, Any]:
 
 
 def hold(n: int) -> dict[str, Any]:
-    """``n`` finished, unreleased trivial runs: what the owner keeps for XComs of finished DAG runs."""
+    """``n`` held results, the way a mapped task over ``n`` items leaves them: one run returns a list of ``n``
+    items and the owner splits it into one object per item (keys ``held#0`` ... ``held#{n-1}``)."""
+    import ray
+
+    from airflow_ray_provider.cluster.owner import get_owner
     from airflow_ray_provider.submission import RayTaskRun
 
-    log = logging.getLogger("owner_scale")
     t0 = time.perf_counter()
-    batch = 500
-    for start in range(0, n, batch):
-        runs = []
-        for i in range(start, min(n, start + batch)):
-            run = RayTaskRun(key=f"held/{i}", task_label=f"held[{i}]", namespace="bench", shards=1, lease_s=600,
-                             log=log)
-            run.submit(_plus_one, (i,), {}, {"name": f"held[{i}]", "num_cpus": 0.1})
-            runs.append(run)
-        for run in runs:
-            run.wait()
+    run = RayTaskRun(key="held", task_label="held", namespace="bench", shards=1, lease_s=600,
+                     log=logging.getLogger("owner_scale"))
+    run.submit(_items, (n,), {}, {"name": "held"})
+    run.wait()
+    items = ray.get(get_owner("bench", 0).split.remote("held", None), timeout=600)
+    if len(items) != n:
+        raise RuntimeError(f"the owner split {len(items)} items, expected {n}")
     owner = _owner_process()
     time.sleep(2)
     cpu0 = _cpu(owner)
@@ -127,6 +128,10 @@ def hold(n: int) -> dict[str, Any]:
     return {"held": n, "fill_s": round(time.perf_counter() - t0, 1), "owner": owner,
             "idle_owner_cpu_pct": round((_cpu(owner) - cpu0) / 10 * 100, 1),
             "owner_rss_mb": round(owner.memory_info().rss / 2**20, 1)}
+
+
+def _items(n: int) -> list[int]:
+    return list(range(n))
 
 
 def _plus_one(x: int) -> int:

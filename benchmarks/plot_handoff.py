@@ -1,6 +1,6 @@
 """Draw handoff time against payload size from ``xcom_handoff.py`` reports (their "Against raw Ray" table).
 
-    python benchmarks/plot_handoff.py benchmarks/results/xcom_handoff-256mib.md benchmarks/results/xcom_handoff.md
+    python benchmarks/plot_handoff.py benchmarks/results/xcom_handoff-256mib.md benchmarks/results/xcom_handoff-1gib.md
 
 Writes ``benchmarks/results/xcom_handoff.png``: the provider's handoff and raw Ray's, per payload kind, against
 size in MiB (a DataFrame's size is its rows x 24 bytes: int64 ``id``, float64 ``x`` and ``y``).
@@ -14,14 +14,17 @@ from pathlib import Path
 
 ROW = re.compile(r"^\| (array (\d+) MiB|frame ([\d,]+) rows) \| ([\d.]+) \| ([\d.]+) \| ([+-][\d.]+) \| "
                  r"([+-][\d.]+) \|")
+TINY = re.compile(r"^\| tiny \(baseline\) \| ([\d.]+) \| ([\d.]+) \|")
 OUT = Path(__file__).resolve().parent / "results" / "xcom_handoff.png"
 
 
 def points(paths: list[Path]) -> dict[str, list[tuple[float, float, float]]]:
     """kind -> [(MiB, raw handoff s, provider handoff s)], sorted by size."""
-    found: dict[str, list[tuple[float, float, float]]] = {"array": [], "frame": []}
+    found: dict[str, list[tuple[float, float, float]]] = {"array": [], "frame": [], "tiny": []}
     for path in paths:
         for line in path.read_text().splitlines():
+            if t := TINY.match(line):
+                found["tiny"].append((0.0, float(t[1]), float(t[2])))
             m = ROW.match(line)
             if not m:
                 continue
@@ -43,6 +46,10 @@ def main() -> int:
         print("no 'Against raw Ray' rows in the given reports", file=sys.stderr)
         return 1
     fig, axis = plt.subplots(figsize=(6, 4))
+    tiny = data.pop("tiny", [])
+    if tiny:
+        fixed = sum(r[2] for r in tiny) / len(tiny)
+        axis.axhline(fixed, color="grey", linestyle=":", label=f"@task.ray, a 3-float list ({fixed:.2f} s)")
     for kind, rows in data.items():
         sizes = [r[0] for r in rows]
         axis.plot(sizes, [r[2] for r in rows], "o-", label=f"{kind}: @task.ray + Ray XCom backend")

@@ -77,6 +77,7 @@ def install() -> None:
         (op, "_portable_kwargs", "_portable_kwargs"),
         (owner, "get_owner", "owner.get_owner (in RayTaskRun())"),
         (submission, "dumps_callable", "dumps_callable (in submit)"),
+        (serialization, "dumps_callable", "serialization.dumps_callable (the operator's, in _prepare)"),
         (serialization, "_by_value_modules", "  _by_value_modules"),
         (run, "submit", "RayTaskRun.submit"),
         (run, "wait", "RayTaskRun.wait"),

@@ -22,6 +22,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,7 +57,8 @@ def main() -> int:
         if rc != 0:
             raise RuntimeError(f"airflow db migrate failed: {out[-2000:]}")
         for i in range(args.rounds + 1):
-            for variant in ("cold", "preloaded"):
+            for variant in ("cold", "preloaded") if i % 2 else ("preloaded", "cold"):
+                time.sleep(3)  # let the head finish with the previous driver's exit (its job ends)
                 rc, out = sh([sys.executable, str(HERE / "profile_ray_task.py"), "chain1_ray"],
                              {**env, "PROFILE_PRELOADED": str(int(variant == "preloaded"))}, 600)
                 lines = [x for x in out.splitlines() if x.startswith("PROFILE_JSON ")]
@@ -70,7 +72,8 @@ def main() -> int:
     lines = [f"# task_process_cost: one `@task.ray` task process's own costs ({dt.date.today()}, {cpu_model()}, "
              f"provider {provider_commit()})", "",
              f"`python benchmarks/task_process_cost.py --rounds {args.rounds}`: {args.rounds} pairs of fresh processes "
-             "(`airflow dags test chain1_ray` with the timers of `profile_ray_task.py`), alternating *cold* (the "
+             "(`airflow dags test chain1_ray` with the timers of `profile_ray_task.py`, 3 s apart, the order of the "
+             "pair swapped every round), *cold* (the "
              "process imports everything itself) and *preloaded* (Ray, the operator and pyarrow imported first, as a "
              "LocalExecutor task process inherits them from a scheduler with `[ray] preload_modules`); owner actor "
              "already running, embedded head on loopback. Medians of each process's first (only) call; indented "
