@@ -113,7 +113,8 @@ def main() -> int:
                 rc, out = sh([str(python), "-m", "airflow", "dags", "test", dag_id], env, 1800)
                 wall = time.perf_counter() - t0
                 if rc != 0:
-                    raise RuntimeError(f"{dag_id} failed (exit code {rc}):\n{out[-5000:]}")
+                    errors = [line for line in out.splitlines() if "error" in line.lower() and "Warning" not in line]
+                    raise RuntimeError(f"{dag_id} failed (exit code {rc}):\n" + "\n".join(errors[:40])[:8000])
                 durations, run_id = _durations(Path(env["AIRFLOW_HOME"]) / "airflow.db", dag_id)
                 if name == "ours":
                     with sqlite3.connect(Path(env["AIRFLOW_HOME"]) / "airflow.db") as conn:
