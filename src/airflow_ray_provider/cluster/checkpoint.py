@@ -121,22 +121,12 @@ class Store:
         return fs, path.rstrip("/")
 
     def data_filesystem(self) -> tuple[Any, str]:
-        """Where the (large) data files travel: pyarrow's S3 client for ``s3://`` whenever it can take the
-        store's options, else ``filesystem()``.
+        """Where the (large) data files travel: the same filesystem as manifests and listings.
 
-        Its output stream uploads parts in the background while the next is encoded, and its input
-        stream is one streamed GET (benchmarks/checkpoint_throughput.py compares both with boto3 and
-        with s3fs). Manifests and listings stay on ``filesystem()``; both see the same bucket and keys.
+        Routing them through pyarrow's S3 client where s3fs is installed was faster on SeaweedFS
+        (benchmarks/checkpoint_throughput.py), but the two-host topology test failed with it (a Ray
+        worker's checkpoint write); until that is understood, s3fs stays wherever it is installed.
         """
-        scheme = self.root.split("://", 1)[0] if "://" in self.root else ""
-        options = self.storage_options
-        plain = set(options) <= {"key", "secret", "token", "endpoint_url", "client_kwargs"} and set(
-            options.get("client_kwargs") or {}) <= {"region_name"}  # nothing pyarrow would drop
-        if scheme in ("s3", "s3a") and plain:
-            try:
-                return _arrow_s3(self.storage_options), self.root.split("://", 1)[1].rstrip("/")
-            except ImportError:
-                pass
         return self.filesystem()
 
     def signing_secret(self) -> bytes:
