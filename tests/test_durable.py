@@ -114,7 +114,9 @@ def test_a_killed_try_is_reattached_to_or_started_over(database: str, tmp_path: 
         off_retry_log = _try_logs(home, NOT_DURABLE, "long_body", 2)
         report = (f"states {states}; durable calls {durable_calls}; not durable calls {off_calls}; "
                   f"finished calls {finished_calls}; mapped calls {mapped_calls}\n"
-                  f"durable try 2 log:\n{retry_log[-3000:]}\n\n{airflow.diagnostics()}")
+                  f"durable try 2 log:\n{retry_log[-3000:]}\n\n"
+                  + "".join(f"mapped [{i}] try 2 log:\n{log[-2500:]}\n\n" for i, log in enumerate(mapped_logs))
+                  + airflow.diagnostics())
 
         assert states == dict.fromkeys(DAGS, "success"), report
         # Durable: the body ran once, to the end, and the retry said what it re-attached to.
@@ -215,6 +217,34 @@ def test_a_later_try_reattaches_only_to_the_same_call(ray_cluster: str) -> None:
                           record["fingerprint"], 1)
         assert later.get_job_status(gone, {}) == "UNKNOWN"
         assert _operator(_times_ten).get_job_status({**record, "key": "x"}, {}) == "UNTRUSTED"
+    finally:
+        first._ray_run.release()
+
+
+def _times_ten_slowly(x: int) -> int:
+    import time
+
+    time.sleep(10)
+    return x * 10
+
+
+def test_a_later_try_takes_the_run_over_before_it_reads_its_state(ray_cluster: str) -> None:
+    """The retry's status check also renews the run's lease, so the reaper cannot cancel the run it found
+    running before the re-attach. Without it, a retry that came near the end of the lease (possible under load)
+    found the Ray task running and then failed with it cancelled; the likeliest cause of a CI failure where a
+    mapped instance's body never ended and its retry ran nothing (that run's logs were not kept)."""
+    import time
+
+    first = _operator(_times_ten_slowly)
+    record = first.submit_job({})
+    try:
+        first._ray_run.set_lease(3.0)  # the submitting try died: nobody polls, and its lease is nearly up
+        time.sleep(1.5)
+        later = _operator(_times_ten_slowly)
+        assert later.get_job_status(record, {}) == "RUNNING"
+        time.sleep(4.0)  # past the dead try's lease; the reaper looks every second
+        assert first._ray_run.state()["state"] == "running"
+        assert later.poll_until_complete(record, {}) == 30
     finally:
         first._ray_run.release()
 

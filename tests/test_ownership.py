@@ -143,6 +143,39 @@ def test_released_key_is_a_clear_error(ray_cluster: str) -> None:
         run.fetch()
 
 
+def test_released_result_is_freed_from_the_object_store(ray_cluster: str) -> None:
+    """Release drops the owner's last reference, so Ray frees the bytes (nothing in the owner keeps it).
+
+    The run is the only one its owner watches: the owner's loops once kept the last round's runs in their
+    frames, which pinned a released 16 MB frame in the store until another run came (found by the Ray tab's
+    browser test).
+    """
+    import ray
+
+    from airflow_ray_provider.cluster import ray_compat
+
+    _connect(ray_cluster)
+    gcs = ray.get_runtime_context().gcs_address
+
+    def used() -> int:
+        use = ray_compat.object_store_use(gcs)
+        assert use is not None, "ray memory --stats-only gave no Plasma line"
+        return use[0]
+
+    before = used()
+    run = _run(f"freed/{uuid.uuid4().hex}")
+    run.submit(lambda n: b"x" * n, (64 * 2**20,), {}, {"num_cpus": 0})
+    assert run.wait()["state"] == "finished"
+    time.sleep(1.0)  # several rounds of the owner's loops
+    held = used()
+    assert held >= before + 60 * 2**20, (before, held)
+    run.release()
+    deadline = time.monotonic() + 30
+    while (now := used()) > held - 60 * 2**20 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert now <= held - 60 * 2**20, f"still {now} bytes in the store after release (held {held}, before {before})"
+
+
 def test_warm_workers_are_reused_across_short_lived_airflow_processes(ray_cluster: str) -> None:
     """The owner actors belong to the keeper's long-lived job, so Ray keeps their workers warm.
 

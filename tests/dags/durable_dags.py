@@ -56,8 +56,10 @@ def _make(dag_id: str, durable: bool, sleep_s: float = SLEEP_S):
 
 _make("ray_durable_reattach", durable=True)
 _make("ray_durable_off", durable=False)
-# Ends while its killed try is still being noticed: the retry re-attaches to the finished, held result.
-_make("ray_durable_finished", durable=True, sleep_s=12.0)
+# Ends while its killed try is still being noticed (Airflow needs the 15 s heartbeat timeout, a detection round
+# and the retry delay): the retry re-attaches to the finished, held result. 20 s, not less: the test kills every
+# try at once, after the last body started, and under load a shorter body had ended before then.
+_make("ray_durable_finished", durable=True, sleep_s=20.0)
 
 
 @dag(dag_id="ray_durable_mapped", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"), catchup=False,

@@ -45,6 +45,8 @@ _WATCH_INTERVAL_S = 0.02
 # Ray keeps objects up to this size inline (max_direct_call_object_size, 100 KiB by default):
 # fetching one into the owner actor is cheap; anything larger may be gigabytes.
 _CHEAP_FETCH_BYTES = 100 * 1024
+# How long a large result's nodes are waited for after its task ended (see _settle): 2 s at most.
+_LOCATE_RETRIES, _LOCATE_RETRY_S = 20, 0.1
 
 log = logging.getLogger(__name__)
 
@@ -111,26 +113,37 @@ class TaskOwner:
         """Notice finished runs without fetching their (possibly huge) results into this actor."""
         while True:
             await asyncio.sleep(_WATCH_INTERVAL_S)
-            if not self._watching:
-                continue
-            pending = list(self._watching.values())
-            try:
-                ready, _ = ray.wait([r.ref for r in pending], num_returns=len(pending), timeout=0,
-                                    fetch_local=False)
-            except Exception:  # one bad round must not stop watching every run
-                log.exception("Watching %d Ray runs failed; retrying", len(pending))
-                continue
-            ready_set = set(ready)
-            for run in pending:
-                if run.ref in ready_set:
-                    run.settling = True
-                    self._watching.pop(run.key, None)
-                    asyncio.get_running_loop().create_task(self._settle(run))
+            if self._watching:
+                self._watch_round()
+
+    def _watch_round(self) -> None:
+        # A method of its own so its locals (the runs, their refs) die with the round: kept in the loop's
+        # frame, the last round's refs outlived their release and pinned the objects in the store.
+        pending = list(self._watching.values())
+        try:
+            ready, _ = ray.wait([r.ref for r in pending], num_returns=len(pending), timeout=0, fetch_local=False)
+        except Exception:  # one bad round must not stop watching every run
+            log.exception("Watching %d Ray runs failed; retrying", len(pending))
+            return
+        ready_set = set(ready)
+        for run in pending:
+            if run.ref in ready_set:
+                run.settling = True
+                self._watching.pop(run.key, None)
+                asyncio.get_running_loop().create_task(self._settle(run))
 
     async def _settle(self, run: _Run) -> None:
         """Decide success or failure; only small (inlined) results are ever fetched here."""
         located = _locate_now([run])
         returned = run.state != "cancelled" and "returned_type" in run.events
+        # Ray hears where a stored object lives from the node that made it, which may come a moment after the
+        # task's reply: a large result with no node yet is asked again, not fetched here or left without its
+        # nodes in the XCom reference (seen in the two-node test, a worker node's 16 MiB array).
+        for _ in range(_LOCATE_RETRIES):
+            if not (returned and located) or run.in_store or _cheap_to_fetch(run):
+                break
+            await asyncio.sleep(_LOCATE_RETRY_S)
+            located = _locate_now([run])
         if returned and (run.in_store or (not located and not _cheap_to_fetch(run))):
             state = "finished"  # errors are small objects; a large stored result is a value
             if not located:
@@ -165,16 +178,20 @@ class TaskOwner:
         """Cancel runs whose Airflow process stopped polling (killed with SIGKILL, lost host)."""
         while True:
             await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for run in list(self._runs.values()):
-                if run.state == "running" and not run.done.is_set() and now - run.last_seen > run.lease_s:
-                    run.state = "cancelled"
-                    run.error = f"no Airflow process polled this run for {run.lease_s:.0f}s; cancelled"
-                    try:
-                        ray.cancel(run.ref, force=True, recursive=True)
-                    except Exception:  # e.g. it finished meanwhile; the others still get reaped
-                        log.exception("Cancelling abandoned Ray run %s failed", run.key)
-                    run.changed.set()
+            self._reap_round()
+
+    def _reap_round(self) -> None:
+        # Its own frame, like _watch_round: a loop variable left in the loop's frame would hold a released run.
+        now = time.monotonic()
+        for run in list(self._runs.values()):
+            if run.state == "running" and not run.done.is_set() and now - run.last_seen > run.lease_s:
+                run.state = "cancelled"
+                run.error = f"no Airflow process polled this run for {run.lease_s:.0f}s; cancelled"
+                try:
+                    ray.cancel(run.ref, force=True, recursive=True)
+                except Exception:  # e.g. it finished meanwhile; the others still get reaped
+                    log.exception("Cancelling abandoned Ray run %s failed", run.key)
+                run.changed.set()
 
     async def set_lease(self, key: str, lease_s: float, hold_s: float = 0.0) -> bool:
         """A later try re-attached to ``key`` (durable): from now on its lease and hold are that try's."""

@@ -10,6 +10,7 @@ and its output streamed back into the task log.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from airflow.providers.standard.operators.python import PythonOperator
 from airflow.sdk.exceptions import TaskDeferred
 
 from airflow_ray_provider.bundle import with_shipped_code
+from airflow_ray_provider.exceptions import RayObjectLost
 from airflow_ray_provider.hooks.ray import RayHook, dashboard_url
 from airflow_ray_provider.hooks.settings import merge_runtime_env
 from airflow_ray_provider.links.ray import RAY_LINKS, RayPlace, RayTaskLink
@@ -324,6 +326,10 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
                           "submitting a new Ray task", self.task_label, record.try_number, record.key)
             earlier.release()
             return "CHANGED"
+        # Take the run over before reading its state: read first, the owner's reaper could cancel it (its
+        # lease and hold running out) between "running" here and the re-attach's own set_lease.
+        with contextlib.suppress(RayObjectLost):  # no longer held: state() says "unknown"
+            earlier.set_lease(self._lease(), self._hold())
         status = earlier.state()
         state = status["state"]
         if state == "running":
