@@ -174,10 +174,10 @@ def _operator(fn, **kwargs):
     return op
 
 
-def _times_ten(x: int) -> int:
+def _times_ten(x: int, sleep_s: float = 3.0) -> int:
     import time
 
-    time.sleep(3)
+    time.sleep(sleep_s)
     return x * 10
 
 
@@ -225,13 +225,6 @@ def test_a_later_try_reattaches_only_to_the_same_call(ray_cluster: str) -> None:
         first._ray_run.release()
 
 
-def _times_ten_slowly(x: int) -> int:
-    import time
-
-    time.sleep(10)
-    return x * 10
-
-
 def test_a_later_try_takes_the_run_over_before_it_reads_its_state(ray_cluster: str) -> None:
     """The retry's status check also renews the run's lease, so the reaper cannot cancel the run it found
     running before the re-attach. Without it, a retry that came near the end of the lease (possible under load)
@@ -239,12 +232,12 @@ def test_a_later_try_takes_the_run_over_before_it_reads_its_state(ray_cluster: s
     mapped instance's body never ended and its retry ran nothing (that run's logs were not kept)."""
     import time
 
-    first = _operator(_times_ten_slowly)
+    first = _operator(_times_ten, op_kwargs={"sleep_s": 10.0})
     record = first.submit_job({})
     try:
         first._ray_run.set_lease(3.0)  # the submitting try died: nobody polls, and its lease is nearly up
         time.sleep(1.5)
-        later = _operator(_times_ten_slowly)
+        later = _operator(_times_ten, op_kwargs={"sleep_s": 10.0})
         assert later.get_job_status(record, {}) == "RUNNING"
         time.sleep(4.0)  # past the dead try's lease; the reaper looks every second
         assert first._ray_run.state()["state"] == "running"
