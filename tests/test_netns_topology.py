@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from scripts.local_topology import Component, TopologyError, celery_airflow, wait_until
+from scripts.local_topology import ROOT, Component, TopologyError, celery_airflow, wait_until
 from scripts.netns_topology import (
     API_PORT,
     BUCKET,
@@ -70,6 +70,10 @@ def test_two_nodes_on_separate_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
     missing = missing_tools()
     if missing:
         pytest.skip(f"the namespace topology needs {', '.join(missing)}, not found on this machine")
+    if ROOT.is_relative_to("/tmp"):
+        # Each host gets a fresh tmpfs on /tmp, which would hide the checkout (code and venv) it is given read-only.
+        pytest.skip(f"the checkout {ROOT} is under /tmp, which every host of the topology sees as an empty tmpfs; "
+                    "run the suite from a clone outside /tmp")
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
         monkeypatch.delenv(name, raising=False)
 
