@@ -71,12 +71,12 @@ async def _events(trigger: RayRunTrigger) -> list[dict[str, Any]]:
     return [event.payload async for event in trigger.run()]
 
 
-def _arun(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
+def _arun(coro_fn: Callable[[], Awaitable[Any]], within: float = EVENT_WITHIN_S) -> Any:
     """Run in a fresh loop, stopping that loop's watchers afterwards."""
 
     async def _main() -> Any:
         try:
-            return await asyncio.wait_for(coro_fn(), EVENT_WITHIN_S)
+            return await asyncio.wait_for(coro_fn(), within)
         finally:
             await watcher.close_all()
 
@@ -173,10 +173,23 @@ def test_event_loop_is_never_blocked(submit: Callable[..., RayTaskRun]) -> None:
 
 
 def test_trigger_alone_keeps_the_lease(submit: Callable[..., RayTaskRun]) -> None:
-    """Only the trigger polls a run with an 8 s lease for 20 s: without renewal the owner would reap it."""
-    run = submit(20.0, lease_s=8)
-    (event,) = _arun(lambda: _events(_trigger(run, poll_interval=2.0)))
+    """Only the trigger polls a run with an 8 s lease for 20 s: without renewal the owner would reap it.
+
+    The watcher is started before the run is submitted. Its start took 20-66 s on the loaded 2-core CI
+    machine, longer than this lease, and CI once saw the run reaped before the first poll ("cancelled").
+    A deferring task's lease covers that start (``TRIGGERER_FAILOVER_S`` is added to it); what this
+    test checks is that polls alone renew the lease, once a watcher answers.
+    """
+
+    async def _watch() -> tuple[RayTaskRun, list[dict[str, Any]]]:
+        warm = await watcher.get_client(CONN).poll(NAMESPACE, 0, "trigger/warm-up", timeout=EVENT_WITHIN_S)
+        assert warm["state"] == "unknown", warm  # the watcher answers, and a poll created nothing
+        run = submit(20.0, lease_s=8)
+        return run, await _events(_trigger(run, poll_interval=2.0))
+
+    run, (event,) = _arun(_watch, within=2 * EVENT_WITHIN_S)  # a watcher start, then the 20 s run
     assert event["state"] == "finished", event
+    assert event["key"] == run.key
 
 
 def test_killed_watcher_is_restarted(submit: Callable[..., RayTaskRun]) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from airflow.sdk import BaseHook
@@ -29,6 +30,10 @@ from airflow_ray_provider.local_cluster import (
     set_provider_auth_env,
     user_environ,
 )
+
+log = logging.getLogger(__name__)
+# What Ray Client's proxier answers when the server process it starts for a new client exits at once.
+CLIENT_SERVER_START_FAILED = "Starting Ray client server failed"
 
 _connect_lock = threading.Lock()
 # This process's Ray connection, recorded by get_conn: conn_id, address (as given to ray.init), namespace,
@@ -392,14 +397,28 @@ def _connect_bounded(target: str, settings: RaySettings) -> None:
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             outcome["error"] = exc
 
-    thread = threading.Thread(target=_init, name="airflow-ray-connect", daemon=True)
-    thread.start()
-    try:
+    def _attempt() -> bool:
+        """One bounded ``ray.init``; False if it is still running at the deadline."""
+        outcome.clear()
+        thread = threading.Thread(target=_init, name="airflow-ray-connect", daemon=True)
+        thread.start()
         thread.join(max(1.0, settings.connect_timeout - (time.monotonic() - started)))
+        return not thread.is_alive()
+
+    try:
+        answered = _attempt()
+        if answered and _client_server_start_failed(outcome.get("error")) \
+                and time.monotonic() - started < settings.connect_timeout - 1.0:
+            # Ray Client's proxier starts one server process per client, on a port it checked a moment
+            # before; that start failed once on the loaded CI machine, and a connect that retries gets a
+            # new process (Ray's client disconnects after a failed connect, so the retry starts clean).
+            log.warning("Ray Client at %s could not start a server for this client (%s); trying once more",
+                        target, outcome.get("error"))
+            answered = _attempt()
     finally:
         if own_reconnect_timeout:
             os.environ.pop(_GCS_RECONNECT_ENV, None)
-    if thread.is_alive():
+    if not answered:
         raise RayConnectionError(
             f"Cannot connect to the Ray cluster at {target}: no answer within {settings.connect_timeout:.0f}s"
         )
@@ -421,27 +440,33 @@ _RAY_MISMATCH = re.compile(r"Ray: (?P<cluster_ray>\S+)\s+Python: (?P<cluster_py>
 
 def version_mismatch(error: BaseException | None) -> str | None:
     """What differs, in words, when ``ray.init`` refused a cluster of another Ray or Python version."""
-    seen = 0
-    while error is not None and seen < 10:
-        found = _RAY_MISMATCH.search(str(error))
-        if found and "mismatch" in str(error).lower():
+    for cause in _causes(error):
+        found = _RAY_MISMATCH.search(str(cause))
+        if found and "mismatch" in str(cause).lower():
             return (f"the cluster runs Ray {found['cluster_ray']} on Python {found['cluster_py']}, this process "
                     f"runs Ray {found['ray']} on Python {found['py']}. Client and cluster need the same Ray "
                     f"and Python versions (Ray compares Python to the patch level): install "
                     f"ray=={found['cluster_ray']} here (the provider supports Ray "
                     f"{', '.join(ray_compat.SUPPORTED_RAY)}), or run the cluster on Ray "
                     f"{found['ray']} with Python {found['py']}")
-        error, seen = error.__cause__ or error.__context__, seen + 1
     return None
+
+
+def _client_server_start_failed(error: BaseException | None) -> bool:
+    """Whether ``ray.init("ray://...")`` failed because the proxier's per-client server did not start."""
+    return any(CLIENT_SERVER_START_FAILED in str(cause) for cause in _causes(error))
 
 
 def _refused_token(error: BaseException | None) -> bool:
     """Whether ``ray.init`` failed because of token authentication (Ray wraps it in other errors)."""
     from ray.exceptions import AuthenticationError
 
-    seen = 0
-    while error is not None and seen < 10:
-        if isinstance(error, AuthenticationError) or "InvalidAuthToken" in str(error):
-            return True
-        error, seen = error.__cause__ or error.__context__, seen + 1
-    return False
+    return any(isinstance(cause, AuthenticationError) or "InvalidAuthToken" in str(cause)
+               for cause in _causes(error))
+
+
+def _causes(error: BaseException | None, limit: int = 10) -> Iterator[BaseException]:
+    """``error`` and what caused it, outermost first (Ray wraps the real reason in other errors)."""
+    while error is not None and limit > 0:
+        yield error
+        error, limit = error.__cause__ or error.__context__, limit - 1
