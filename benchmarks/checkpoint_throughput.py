@@ -105,7 +105,7 @@ def main() -> int:
                                       TaskKey("bench", f"run{mb}-{i}", "produce"))
                 rows["checkpoint write"].append(timed(ckpt.write_result, array)[0])
                 # The same store given an option only s3fs takes (max_concurrency): its data files then go
-                # through s3fs instead of pyarrow's S3 client (so it did until 19a6e5f; now both use s3fs).
+                # through s3fs instead of pyarrow's S3 client (Store.data_filesystem).
                 via_s3fs = TaskCheckpoint(Store(f"s3://{BUCKET}/ckpt-s3fs", {**options, "max_concurrency": 10},
                                                 secret=SECRET), ckpt.key)
                 rows["checkpoint write through s3fs"].append(timed(via_s3fs.write_result, array)[0])

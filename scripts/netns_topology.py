@@ -82,6 +82,7 @@ PG_PORT = 5432
 API_PORT = 8090
 S3_PORT = 8333
 BUCKET = "airflow-ray-ckpt"
+S3_ACCESS_KEY = "ckpt"  # the one identity SeaweedFS serves (start_seaweedfs), the ckpt_s3 connection's login
 PG_USER = "postgres"  # initdb refuses to run as root: PostgreSQL runs as this (existing) system user
 
 CLONE_NEWNET = 0x40000000
@@ -351,16 +352,16 @@ def pg_query(net: ClientNet, host: str, dbname: str, sql: str, params: tuple[Any
     return net.run(query)
 
 
-def s3_client(endpoint: str) -> Any:
+def s3_client(endpoint: str, secret_key: str) -> Any:
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="netns", aws_secret_access_key="netns",
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key=secret_key,
                         region_name="us-east-1")
 
 
-def s3_keys(net: ClientNet, endpoint: str, prefix: str = "") -> list[str]:
+def s3_keys(net: ClientNet, endpoint: str, secret_key: str, prefix: str = "") -> list[str]:
     def keys() -> list[str]:
-        pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        pages = s3_client(endpoint, secret_key).get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
     return net.run(keys)
@@ -469,14 +470,25 @@ def start_postgres(host: Host, client_subnet: str) -> Component:
     ], host_env(host), user=PG_USER)
 
 
-def start_seaweedfs(host: Host) -> Component:
+def start_seaweedfs(host: Host, secret_key: str) -> Component:
+    """SeaweedFS serving S3 to one identity (``S3_ACCESS_KEY`` / ``secret_key``), as a real store would.
+
+    Not without identities: SeaweedFS 4.48 then takes most requests unsigned, but refuses the signed
+    UploadPart of pyarrow's S3 client ("The access key ID you provided does not exist in our records"),
+    which the checkpoint data files use.
+    """
     data = host.disk / "weed"
     data.mkdir(exist_ok=True)
+    config = host.disk / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "airflow-ray-netns", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": secret_key}]}]}))
+    config.chmod(0o600)
     return host.start("seaweedfs", [
         tool("weed"), "mini", f"-dir={data}", f"-ip={host.address}", f"-ip.bind={host.address}",
         f"-s3.port={S3_PORT}", "-master.port=9333", "-volume.port=9340", "-filer.port=8888",
         "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-        f"-bucket={BUCKET}",
+        f"-bucket={BUCKET}", f"-s3.config={config}",
     ], host_env(host))
 
 

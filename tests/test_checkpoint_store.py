@@ -163,6 +163,18 @@ def test_restored_arrays_keep_their_layout_and_stay_writable(store: Store) -> No
         back[...] = 0  # like np.load's result, not a read-only view of someone else's memory
 
 
+def test_s3_data_files_go_through_pyarrow_unless_an_option_needs_s3fs(s3_endpoint: str) -> None:
+    plain = make_store(f"s3://{BUCKET}/route", "ckpt_s3")
+    data_fs, root = plain.data_filesystem()
+    assert type(data_fs).__name__ == "ArrowFSWrapper" and root == f"{BUCKET}/route"
+    assert type(plain.filesystem()[0]).__name__ == "S3FileSystem"  # manifests and listings: s3fs
+    tuned = Store(plain.root, {**plain.storage_options, "max_concurrency": 2}, secret=plain.secret)
+    assert type(tuned.data_filesystem()[0]).__name__ == "S3FileSystem"
+    # Written through one, read through the other: the same objects.
+    TaskCheckpoint(plain, TaskKey("unit_dag", RUN_ID, "routed")).write_result(np.arange(1000))
+    assert np.array_equal(TaskCheckpoint(tuned, TaskKey("unit_dag", RUN_ID, "routed")).load_result(), np.arange(1000))
+
+
 def test_a_manifest_changed_after_the_reference_was_written_is_refused(store: Store) -> None:
     ckpt = task_checkpoint(store)
     info = ckpt.write_result([1, 2, 3])

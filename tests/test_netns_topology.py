@@ -36,6 +36,7 @@ from scripts.netns_topology import (
     PG_USER,
     PREFIX_LEN,
     REDIS_PORT,
+    S3_ACCESS_KEY,
     S3_PORT,
     SERVICE_HOSTS,
     SUBNET,
@@ -116,8 +117,10 @@ def test_two_nodes_on_separate_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
             return wait_until(what, check, timeout, components, diagnostics, interval)
 
         token = secrets.token_hex(32)
+        # A random secret: Airflow masks a connection's password wherever it appears in task logs.
+        s3_secret = secrets.token_hex(16)
         s3_endpoint = f"http://{s3.address}:{S3_PORT}"
-        components += [start_redis(af), start_postgres(af, f"{SUBNET}.0/{PREFIX_LEN}"), start_seaweedfs(s3)]
+        components += [start_redis(af), start_postgres(af, f"{SUBNET}.0/{PREFIX_LEN}"), start_seaweedfs(s3, s3_secret)]
         # One Ray node after the other, before the migration: each raylet has 30 s to register.
         components.append(start_ray(head, token, {"head_node": 1}, num_cpus=2, object_store_mb=400))
         components.append(start_ray(worker, token, {"worker_node": 1}, num_cpus=2, object_store_mb=400, head=head))
@@ -139,8 +142,7 @@ def test_two_nodes_on_separate_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
             "AIRFLOW__API__BASE_URL": f"http://{af.address}:{API_PORT}",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{af.address}:{API_PORT}/execution/",
             "AIRFLOW_CONN_CKPT_S3": json.dumps({
-                # A random secret: Airflow masks a connection's password wherever it appears in task logs.
-                "conn_type": "aws", "login": "ckpt", "password": secrets.token_hex(16),
+                "conn_type": "aws", "login": S3_ACCESS_KEY, "password": s3_secret,
                 "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"}}),
         })
         migrate(airflow, af)
@@ -194,7 +196,7 @@ def test_two_nodes_on_separate_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
                            if "consume_kept" in str(p))
         assert re.search(r"gone from the Ray object store \(\w+\); restoring it from its checkpoint "
                          rf"s3://{BUCKET}/netns/{DAG_ID}/", kept_log), kept_log[-4000:]
-        assert any(k.startswith(f"netns/{DAG_ID}/") for k in s3_keys(net, s3_endpoint, "netns/"))
+        assert any(k.startswith(f"netns/{DAG_ID}/") for k in s3_keys(net, s3_endpoint, s3_secret, "netns/"))
         hostnames = {h for (h,) in pg_query(net, af.address, DB, "SELECT DISTINCT hostname FROM task_instance "
                                             "WHERE dag_id = %s AND run_id = %s", (DAG_ID, run_id))}
         # Both Celery workers ran tasks, under the airflow host's own name (not "localhost").

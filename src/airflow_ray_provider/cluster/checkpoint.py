@@ -120,6 +120,25 @@ class Store:
             raise CheckpointError(f"Cannot open checkpoint root {self.root!r}: {exc}") from exc
         return fs, path.rstrip("/")
 
+    def data_filesystem(self) -> tuple[Any, str]:
+        """Where the (large) data files travel: pyarrow's S3 client for ``s3://`` whenever it can take the
+        store's options, else ``filesystem()``.
+
+        Its output stream uploads parts in the background while the next is encoded, and its input
+        stream is one streamed GET (benchmarks/checkpoint_throughput.py compares both with boto3 and
+        with s3fs). Manifests and listings stay on ``filesystem()``; both see the same bucket and keys.
+        """
+        scheme = self.root.split("://", 1)[0] if "://" in self.root else ""
+        options = self.storage_options
+        plain = set(options) <= {"key", "secret", "token", "endpoint_url", "client_kwargs"} and set(
+            options.get("client_kwargs") or {}) <= {"region_name"}  # nothing pyarrow would drop
+        if scheme in ("s3", "s3a") and plain:
+            try:
+                return _arrow_s3(self.storage_options), self.root.split("://", 1)[1].rstrip("/")
+            except ImportError:
+                pass
+        return self.filesystem()
+
     def signing_secret(self) -> bytes:
         if not self.secret:
             raise CheckpointError(f"Checkpoint store {self.root!r} has no signing secret, so its manifests can be "
@@ -275,6 +294,7 @@ class TaskCheckpoint:
                split: str | None = None) -> dict[str, Any]:
         secret = self.store.signing_secret()
         fs, root = self.store.filesystem()
+        data_fs, _ = self.store.data_filesystem()
         folder = self._folder(root, *sub)
         container, names, items = _split(value, split)
         token = uuid.uuid4().hex[:16]
@@ -285,7 +305,7 @@ class TaskCheckpoint:
             for n, (name, item) in enumerate(zip(names, items, strict=True)):
                 codec, writer = _encoder(item)
                 file_name = f"{token}-{n}.{_CODECS[codec]}"
-                digest, size = _put(fs, f"{folder}/{file_name}", writer)
+                digest, size = _put(data_fs, f"{folder}/{file_name}", writer)
                 parts.append({"name": name, "file": file_name, "codec": codec, "type": _type_name(item),
                               "size": size, "sha256": digest})
             # "slot" binds the manifest to its folder: a signed result manifest copied over a progress
@@ -321,7 +341,7 @@ class TaskCheckpoint:
                               slot="/".join(sub))
 
     def _load(self, sub: tuple[str, ...], manifest: Manifest, part: int | None) -> Any:
-        fs, root = self.store.filesystem()
+        fs, root = self.store.data_filesystem()
         folder = self._folder(root, *sub)
         indexes = range(len(manifest.parts)) if part is None else [part]
         if part is not None and not 0 <= part < len(manifest.parts):
@@ -577,8 +597,8 @@ def _is_local(fs: Any) -> bool:
 def _put(fs: Any, path: str, writer: Any) -> tuple[str, int]:
     """Encode straight into the destination, hashing on the way: no temporary copy on disk or in memory.
 
-    On S3 the output stream uploads each full part as it fills (s3fs: 16 MiB parts; pyarrow's, on nodes
-    without s3fs: in the background while the next one is encoded and hashed).
+    On S3 (pyarrow's filesystem, see ``Store.data_filesystem``) the output stream uploads each full
+    part in the background while the next one is encoded and hashed.
     """
     if _is_local(fs):
         return _encode_to(open(path, "wb"), writer)  # _encode_to closes it
