@@ -130,7 +130,7 @@ class Store:
         """
         scheme = self.root.split("://", 1)[0] if "://" in self.root else ""
         options = self.storage_options
-        plain = set(options) <= {"key", "secret", "token", "endpoint_url", "client_kwargs"} and set(
+        plain = set(options) <= _ARROW_S3_EXACT and set(
             options.get("client_kwargs") or {}) <= {"region_name"}  # nothing pyarrow would drop
         if scheme in ("s3", "s3a") and plain:
             try:
@@ -153,6 +153,9 @@ class Store:
 
 # The s3fs-style options pyarrow's S3 filesystem can be given (see _arrow_s3).
 _ARROW_S3_OPTIONS = frozenset({"key", "secret", "token", "endpoint_url", "client_kwargs", "config_kwargs"})
+# Those it also honours: botocore's config_kwargs are accepted on nodes without s3fs but have no pyarrow
+# equivalent, so a store that sets them keeps its data files on s3fs where s3fs is installed.
+_ARROW_S3_EXACT = _ARROW_S3_OPTIONS - {"config_kwargs"}
 
 
 def _arrow_s3(options: Mapping[str, Any]) -> Any:
@@ -597,8 +600,9 @@ def _is_local(fs: Any) -> bool:
 def _put(fs: Any, path: str, writer: Any) -> tuple[str, int]:
     """Encode straight into the destination, hashing on the way: no temporary copy on disk or in memory.
 
-    On S3 (pyarrow's filesystem, see ``Store.data_filesystem``) the output stream uploads each full
-    part in the background while the next one is encoded and hashed.
+    On S3 the output stream uploads each full part as it fills: through pyarrow's filesystem (see
+    ``Store.data_filesystem``) in the background while the next one is encoded and hashed; through
+    s3fs (a store with an s3fs-only option) in 16 MiB parts.
     """
     if _is_local(fs):
         return _encode_to(open(path, "wb"), writer)  # _encode_to closes it
