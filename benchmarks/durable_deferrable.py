@@ -33,8 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.benchutil import ROOT, cpu_model, provider_commit, publish
 
 from scripts.local_topology import Airflow
-from tests.test_deferrable import _intervals, _max_overlap
-from tests.test_durable import _calls, _task_processes, _try_logs
+from tests.support.deployment import calls, intervals, max_overlap, task_processes, try_logs
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -80,7 +79,7 @@ def slots(work: Path, sleep_s: float) -> dict[str, float]:
             if state != "success":
                 raise RuntimeError(f"{dag_id} ended {state}\n{airflow.diagnostics()}")
             result[f"{label}_wall_s"] = round(wall, 1)
-            result[f"{label}_max_overlap"] = _max_overlap(_intervals(markers / dag_id))
+            result[f"{label}_max_overlap"] = max_overlap(intervals(markers / dag_id))
             result[f"{label}_waves"] = round(wall / sleep_s, 2)
     finally:
         airflow.stop()
@@ -94,6 +93,7 @@ def reattach(work: Path) -> dict[str, float]:
     conn["extra"] = {**conn["extra"], "lease_timeout": 10}
     airflow = _deployment(work, "durable", ROOT / "tests" / "dags" / "durable_dags.py", {
         "AIRFLOW_RAY_TEST_MARKERS": str(markers), "AIRFLOW_CONN_RAY_DEFAULT": json.dumps(conn),
+        "AIRFLOW_RAY_TEST_SLEEP_S": "45",  # fixed-length bodies: the rerun's cost is part of what is measured
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "15",
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "3"})
     dag_ids = ("ray_durable_reattach", "ray_durable_off")
@@ -101,17 +101,17 @@ def reattach(work: Path) -> dict[str, float]:
         airflow.start()
         for dag_id in dag_ids:
             airflow.wait(f"{dag_id} parsed", lambda d=dag_id: airflow.api.has_dag(d), 150)
-        triggered = time.time()
         runs = {d: airflow.api.trigger(d) for d in dag_ids}
-        airflow.wait("bodies to start", lambda: all(_calls(markers / d)["start"] for d in dag_ids), 180, 0.5)
-        for proc in _task_processes(triggered):
+        airflow.wait("bodies to start", lambda: all(calls(markers / d)["start"] for d in dag_ids), 180, 0.5)
+        (scheduler,) = [c for c in airflow.components if c.name == "scheduler"]
+        for proc in task_processes(scheduler):
             proc.send_signal(signal.SIGKILL)
         for d, r in runs.items():
             state = airflow.wait(d, lambda d=d, r=r: airflow.api.run_state(d, r), 400)
             if state != "success":
                 raise RuntimeError(f"{d} ended {state}\n{airflow.diagnostics()}")
-        durable = _events(_try_logs(airflow.home, "ray_durable_reattach", "long_body", 2))
-        rerun = _events(_try_logs(airflow.home, "ray_durable_off", "long_body", 2))
+        durable = _events(try_logs(airflow.home, "ray_durable_reattach", "long_body", 2))
+        rerun = _events(try_logs(airflow.home, "ray_durable_off", "long_body", 2))
         attached = next(at for at, e in durable if "Re-attached" in e)
         rerun_done = next(at for at, e in rerun if "Ray task" in e and "finished after" in e)
         return {"retry_start_to_attached_s": round(attached - durable[0][0], 2),

@@ -1,6 +1,7 @@
 """docker-compose.yaml's topology on loopback, without Docker: Airflow components, Celery workers, Ray nodes.
 
-Used by the integration tests (tests/test_scheduler_postgres.py, tests/test_celery_multinode.py) and
+Used by the system tests (tests/system/test_scheduler_postgres.py, operators/test_durable.py,
+triggers/test_deferrable.py; its Celery deployment by deployment/test_netns_topology.py) and
 runnable by hand against the PostgreSQL and Redis of this machine::
 
     python scripts/local_topology.py --pg-db airflow_ray_demo --workdir /tmp/topology
@@ -215,6 +216,10 @@ class Airflow:
             **os.environ,
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags),
+            # One bundle, the DAGs folder (Airflow's default), whatever the calling environment configured.
+            "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps([{
+                "name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+                "kwargs": {}}]),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.db_url,
             "AIRFLOW__CORE__EXECUTOR": self.executor,
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",

@@ -1,7 +1,7 @@
 """docker-compose.yaml's topology as separate hosts: Linux namespaces joined by veth pairs on a bridge.
 
-Used by tests/test_netns_topology.py (needs root). Where scripts/local_topology.py puts every component
-on one loopback, here each host is its own network namespace (``ip netns``) with one address on a
+Used by tests/system/deployment/test_netns_topology.py (needs root). Where scripts/local_topology.py puts every
+component on one loopback, here each host is its own network namespace (``ip netns``) with one address on a
 private /24, plus its own PID namespace and mount namespace, so that it cannot lean on the others:
 
 - ``airflow`` (.10): api-server, scheduler, dag-processor, two Celery workers, the Redis broker and a

@@ -17,6 +17,7 @@ nodes have the provider installed and do not accept uploads.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -56,23 +57,39 @@ def _staged(source_digest: str, home: str) -> str:
     base = ensure_private_dir(Path(home) / "ray" / "bundle")
     target = base / source_digest[:20]
     package = target / PACKAGE
-    if package.is_dir() and digest(package) == source_digest:
+    if _is_copy(package, source_digest):
         return str(package)
+    # Task processes that start at once all stage: a copy appears or goes only by rename (atomic), and a
+    # good copy another process staged meanwhile is never replaced (seen under the scheduler: two processes
+    # removing the same copy at once, and one failing the task with FileNotFoundError).
     scratch = Path(tempfile.mkdtemp(prefix=".staging-", dir=base))
     try:
         for rel in source_files():
             (scratch / PACKAGE / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(_SOURCE / rel, scratch / PACKAGE / rel)
-        if target.exists():  # a stale or altered copy: replace it
-            shutil.rmtree(target)
+        if _is_copy(package, source_digest):
+            return str(package)
+        if target.exists():  # a stale or altered copy: moved aside, then removed
+            trash = Path(tempfile.mkdtemp(prefix=".stale-", dir=base))
+            with contextlib.suppress(FileNotFoundError):  # another process moved it first
+                os.rename(target, trash / "copy")
+            shutil.rmtree(trash, ignore_errors=True)
         try:
             os.rename(scratch, target)
         except OSError:  # another process staged the same digest first
-            if not (package.is_dir() and digest(package) == source_digest):
+            if not _is_copy(package, source_digest):
                 raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return str(package)
+
+
+def _is_copy(package: Path, source_digest: str) -> bool:
+    """Whether ``package`` is a whole copy of the source (False while another process replaces it)."""
+    try:
+        return package.is_dir() and digest(package) == source_digest
+    except OSError:
+        return False
 
 
 def bundle_dir() -> str:

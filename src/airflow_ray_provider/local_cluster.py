@@ -43,6 +43,11 @@ from airflow_ray_provider.config import airflow_home
 from airflow_ray_provider.exceptions import LocalClusterError
 
 START_TIMEOUT_S = 120.0
+# `ray start` gives a new raylet fixed windows (its agents 15 s to report their ports, then 30 s to register;
+# Ray has no setting for either): on a loaded machine a start fails now and then, and the next one usually
+# does not. Three attempts, a short pause between them.
+START_ATTEMPTS = 3
+START_RETRY_PAUSE_S = 2.0
 # Every Airflow task process is a new Ray driver, and by default Ray prestarts idle workers
 # for each new driver's job. Ours never run tasks themselves (the owner actor submits them),
 # so those workers would only cost CPU and memory on every task start. This does not make
@@ -124,9 +129,16 @@ _PROVIDER_AUTH_ENV: dict[str, str] = {}
 
 
 def set_provider_auth_env(**values: str) -> None:
-    """Put ``values`` into ``os.environ`` (Ray reads its token there) and remember they are ours."""
-    os.environ.update(values)
-    _PROVIDER_AUTH_ENV.update(values)
+    """Put ``values`` into ``os.environ`` (Ray reads its token there) and remember they are ours.
+
+    A value the user already set (their own RAY_AUTH_TOKEN, which the embedded head then runs with) stays
+    theirs: recorded as ours, it would vanish from ``user_environ`` and the next task would ask no token.
+    """
+    for name, value in values.items():
+        if os.environ.get(name) == value and _PROVIDER_AUTH_ENV.get(name) != value:
+            continue
+        os.environ[name] = value
+        _PROVIDER_AUTH_ENV[name] = value
 
 
 def user_environ() -> dict[str, str]:
@@ -489,7 +501,7 @@ class LocalRayCluster:
 
     # -- lifecycle -------------------------------------------------------------
     def _lock(self) -> FileLock:
-        return FileLock(str(self.lock_file), timeout=START_TIMEOUT_S + 30, mode=0o600)
+        return FileLock(str(self.lock_file), timeout=START_ATTEMPTS * (START_TIMEOUT_S + 10) + 30, mode=0o600)
 
     def ensure_running(self) -> LocalClusterState:
         """Return the running head, starting it first if needed (safe across processes)."""
@@ -504,13 +516,26 @@ class LocalRayCluster:
             stale = self.read_state()
             if stale is not None:
                 self._discard_stale(stale)
-            try:
-                return self._start()
-            except LocalClusterError as exc:
-                # `ray start` gives the raylet a fixed 30 s to register (node.py); on a loaded machine
-                # (2 cores, several test sessions) that alone fails a start now and then.
-                log.warning("Starting the embedded Ray head failed once (%s); trying again", exc)
-                return self._start()
+            for attempt in range(1, START_ATTEMPTS + 1):
+                try:
+                    return self._start()
+                except LocalClusterError as exc:
+                    if attempt == START_ATTEMPTS:
+                        raise
+                    log.warning("Starting the embedded Ray head failed (attempt %d of %d: %s; %s); trying again",
+                                attempt, START_ATTEMPTS, exc, self._last_start_error())
+                    time.sleep(START_RETRY_PAUSE_S * attempt)
+            raise AssertionError("unreachable")
+
+    def _last_start_error(self) -> str:
+        """The last error line `ray start` wrote to the log (why the start failed), for the warning."""
+        try:
+            lines = self.log_file.read_text(errors="replace").splitlines()[-200:]
+        except OSError as exc:
+            return f"its log {self.log_file} is unreadable: {exc}"
+        errors = [line.strip() for line in lines if line.startswith(("Exception:", "RuntimeError:", "ValueError:"))
+                  or "timed out" in line.lower()]
+        return errors[-1][:300] if errors else f"see {self.log_file}"
 
     def _start(self) -> LocalClusterState:
         (gcs, client, agent_listen, agent_grpc, runtime_env_agent, metrics, dashboard, node_manager,

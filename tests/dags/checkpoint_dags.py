@@ -1,4 +1,4 @@
-"""DAGs exercised by tests/test_checkpoint_tasks.py (checkpoint=True with the Ray XCom backend).
+"""DAGs exercised by tests/integration/operators/test_checkpoint.py (checkpoint=True with the Ray XCom backend).
 
 Each task that must not run twice appends a line to ``params.marker``, so the tests can
 count how often its body really ran.

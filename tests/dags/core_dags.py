@@ -1,4 +1,4 @@
-"""DAGs exercised by tests/test_decorator.py (``dag.test()`` needs them in the DAGs folder)."""
+"""DAGs exercised by tests/integration/decorators/test_ray.py (``dag.test()`` needs them in the DAGs folder)."""
 
 from __future__ import annotations
 

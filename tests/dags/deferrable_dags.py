@@ -1,8 +1,10 @@
-"""DAGs for ``tests/test_deferrable.py``: deferrable ``@task.ray`` tasks under a real triggerer.
+"""DAGs for ``tests/system/triggers/test_deferrable.py``: deferrable ``@task.ray`` tasks under a real triggerer.
 
 Each body call appends ``start <id> <t>`` and ``end <id> <t>`` to ``$AIRFLOW_RAY_TEST_MARKERS/<dag_id>``
 (a path fixed at parse time), so the test can tell which Ray bodies overlapped in time and whether a
-cancelled one ever finished.
+cancelled one ever finished. Bodies wait on conditions, not clocks: the deferred wide DAG's bodies wait
+until all of them have started (which happens only if all run in Ray at once), the long ones until the
+test writes ``<dag_id>.go``.
 """
 
 from __future__ import annotations
@@ -14,36 +16,60 @@ from airflow.sdk import dag, task
 
 MARKERS = os.environ.get("AIRFLOW_RAY_TEST_MARKERS", "/nonexistent-markers")
 WIDE = 8
-# The deferred bodies must outlast the time 2 slots take to submit all 8 (each task process holds a slot
-# for a few seconds, more on a loaded machine), or they cannot all be running at once. The not-deferred
-# DAG only has to show that no more than 2 ever run at once, so it can be short.
-WIDE_SLEEP_S = float(os.environ.get("AIRFLOW_RAY_TEST_SLEEP_S", "45"))
-HELD_SLEEP_S = float(os.environ.get("AIRFLOW_RAY_TEST_SLEEP_S", "15"))
+# benchmarks/durable_deferrable.py times bodies of a fixed length; the tests use conditions instead.
+SLEEP_S = os.environ.get("AIRFLOW_RAY_TEST_SLEEP_S")
+WAIT_BOUND_S = 600.0  # a body whose condition never comes ends after this (the test has failed by then)
+HELD_BODY_S = 2.0  # the not-deferred DAG only has to show that no more than 2 ever run at once
 
 
-def _body(marker: str, sleep_s: float):
+def _wait(condition) -> None:
+    import time
+
+    deadline = time.monotonic() + WAIT_BOUND_S
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _all_started(marker: str) -> bool:
+    with open(marker) as f:
+        return sum(line.startswith("start ") for line in f) >= WIDE
+
+
+def _released(dag_id: str) -> bool:
+    return os.path.exists(os.path.join(MARKERS, f"{dag_id}.go"))
+
+
+def _body(dag_id: str, until: str):
+    marker = os.path.join(MARKERS, dag_id)
+
     def body(i: int) -> dict[str, int]:
         import time
         import uuid
 
         call = uuid.uuid4().hex[:8]
         with open(marker, "a") as f:
-            f.write(f"start {call} {time.time():.2f}\n")
-        print(f"item {i} sleeping {sleep_s}s")
-        time.sleep(sleep_s)
+            f.write(f"start {call} {time.time():.6f}\n")
+        print(f"item {i} waiting ({until})")
+        if SLEEP_S is not None:
+            time.sleep(float(SLEEP_S))
+        elif until == "all started":
+            _wait(lambda: _all_started(marker))
+        elif until == "released":
+            _wait(lambda: _released(dag_id))
+        else:
+            time.sleep(HELD_BODY_S)
         with open(marker, "a") as f:
-            f.write(f"end {call} {time.time():.2f}\n")
+            f.write(f"end {call} {time.time():.6f}\n")
         return {"square": i * i, "item": i}
 
     return body
 
 
-def _wide(dag_id: str, deferrable: bool, sleep_s: float):
+def _wide(dag_id: str, deferrable: bool, until: str):
     @dag(dag_id=dag_id, schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"), catchup=False,
          tags=["ray", "test"])
     def wide():
-        run = task.ray(_body(os.path.join(MARKERS, dag_id), sleep_s), task_id="body", num_cpus=0.25,
-                       deferrable=deferrable)
+        run = task.ray(_body(dag_id, until), task_id="body", num_cpus=0.25, deferrable=deferrable)
 
         @task
         def total(items: list[dict[str, int]]) -> int:
@@ -58,11 +84,11 @@ def _wide(dag_id: str, deferrable: bool, sleep_s: float):
     return wide()
 
 
-def _long(dag_id: str, sleep_s: float):
+def _long(dag_id: str):
     @dag(dag_id=dag_id, schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"), catchup=False,
          tags=["ray", "test"])
     def long():
-        out = task.ray(_body(os.path.join(MARKERS, dag_id), sleep_s), task_id="body", num_cpus=0.25,
+        out = task.ray(_body(dag_id, "released"), task_id="body", num_cpus=0.25,
                        deferrable=True, multiple_outputs=True, checkpoint=True)(3)
 
         @task
@@ -76,11 +102,10 @@ def _long(dag_id: str, sleep_s: float):
     return long()
 
 
-_wide("ray_deferrable_wide", deferrable=True, sleep_s=WIDE_SLEEP_S)
-_wide("ray_not_deferrable_wide", deferrable=False, sleep_s=HELD_SLEEP_S)
-_long("ray_deferrable_triggerer_restart", 40.0)  # its triggerer is killed and replaced while it waits
-_long("ray_deferrable_mark_failed", 300.0)  # marked failed while deferred: its Ray task must be cancelled
-
+_wide("ray_deferrable_wide", deferrable=True, until="all started")
+_wide("ray_not_deferrable_wide", deferrable=False, until="a short while")
+_long("ray_deferrable_triggerer_restart")  # its triggerer is killed and replaced while it waits
+_long("ray_deferrable_mark_failed")  # marked failed while deferred: its Ray task must be cancelled (never released)
 
 
 @dag(dag_id="ray_deferred_failure", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),

@@ -1,12 +1,11 @@
-"""DAGs for ``tests/test_durable.py``: a long ``@task.ray`` whose try is killed, durable and not.
+"""DAGs for ``tests/system/operators/test_durable.py``: a long ``@task.ray`` whose try is killed, durable and not.
 
 The third DAG's body ends before Airflow notices the kill, so its retry finds the result held. The
 fourth maps the long task over two inputs with ``multiple_outputs``: each instance re-attaches to its own
-Ray task.
-Each call of the body appends ``start <id>`` and, if it ran to the end, ``end <id>`` to a
-marker file (``$AIRFLOW_RAY_TEST_MARKERS/<dag_id>``, a path fixed when the DAG file is parsed), so
-the test can count how often the body ran and whether a cancelled call ever finished. The plain
-task after it fails unless the value arrived right.
+Ray task. Each call of the body appends ``start <id>`` and, if it ran to the end, ``end <id>`` to a marker
+file (``$AIRFLOW_RAY_TEST_MARKERS/<dag_id>``, a path fixed when the DAG file is parsed), so the test can
+count how often the body ran and whether a cancelled call ever finished. A body ends when the test says so
+(``hold``), not after a fixed time; the plain task after it fails unless the value arrived right.
 """
 
 from __future__ import annotations
@@ -18,11 +17,26 @@ import pendulum
 from airflow.sdk import dag, task
 
 MARKERS = os.environ.get("AIRFLOW_RAY_TEST_MARKERS", "/nonexistent-markers")
-SLEEP_S = float(os.environ.get("AIRFLOW_RAY_TEST_SLEEP_S", "45"))
+# benchmarks/durable_deferrable.py times bodies of a fixed length; the tests release them instead.
+SLEEP_S = os.environ.get("AIRFLOW_RAY_TEST_SLEEP_S")
+HOLD_BOUND_S = 900.0  # a body the test never releases ends after this (the test has failed by then)
 EXPECTED = 6 * 7
 
 
-def _make(dag_id: str, durable: bool, sleep_s: float = SLEEP_S):
+def hold(dag_id: str) -> None:
+    """Wait in the Ray task until the test writes ``<dag_id>.go`` (or, for the benchmark, ``SLEEP_S``)."""
+    import time
+
+    if SLEEP_S is not None:
+        time.sleep(float(SLEEP_S))
+        return
+    go = os.path.join(MARKERS, f"{dag_id}.go")
+    deadline = time.monotonic() + HOLD_BOUND_S
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _make(dag_id: str, durable: bool):
     marker = os.path.join(MARKERS, dag_id)
 
     @dag(dag_id=dag_id, schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"), catchup=False,
@@ -36,10 +50,10 @@ def _make(dag_id: str, durable: bool, sleep_s: float = SLEEP_S):
 
             call = uuid.uuid4().hex[:8]
             with open(marker, "a") as f:
-                f.write(f"start {call} {time.time():.1f}\n")
-            time.sleep(sleep_s)
+                f.write(f"start {call} {time.time():.6f}\n")
+            hold(dag_id)
             with open(marker, "a") as f:
-                f.write(f"end {call} {time.time():.1f}\n")
+                f.write(f"end {call} {time.time():.6f}\n")
             print(f"body {call} done")
             return a * b
 
@@ -56,10 +70,9 @@ def _make(dag_id: str, durable: bool, sleep_s: float = SLEEP_S):
 
 _make("ray_durable_reattach", durable=True)
 _make("ray_durable_off", durable=False)
-# Ends while its killed try is still being noticed (Airflow needs the 15 s heartbeat timeout, a detection round
-# and the retry delay): the retry re-attaches to the finished, held result. 20 s, not less: the test kills every
-# try at once, after the last body started, and under load a shorter body had ended before then.
-_make("ray_durable_finished", durable=True, sleep_s=20.0)
+# Released right after the kill, so it ends while Airflow is still noticing the dead try (heartbeat
+# timeout, a detection round, the retry delay): the retry re-attaches to the finished, held result.
+_make("ray_durable_finished", durable=True)
 
 
 @dag(dag_id="ray_durable_mapped", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"), catchup=False,
@@ -74,10 +87,10 @@ def durable_mapped():
 
         call = uuid.uuid4().hex[:8]
         with open(marker, "a") as f:
-            f.write(f"start {call} {time.time():.1f}\n")
-        time.sleep(SLEEP_S)
+            f.write(f"start {call} {time.time():.6f}\n")
+        hold("ray_durable_mapped")
         with open(marker, "a") as f:
-            f.write(f"end {call} {time.time():.1f}\n")
+            f.write(f"end {call} {time.time():.6f}\n")
         return {"product": a * b, "a": a}
 
     @task

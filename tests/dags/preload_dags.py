@@ -1,5 +1,5 @@
-"""A plain DAG (no ``@task.ray``, nothing here imports Ray) for ``tests/test_durable.py``: its task reports
-which modules its task process started with. Under the scheduler with ``[ray] preload_modules`` on (the
+"""A plain DAG (no ``@task.ray``, nothing here imports Ray) for ``tests/system/operators/test_durable.py``:
+its task reports which modules its task process started with. Under the scheduler with ``[ray] preload_modules`` on (the
 default), a LocalExecutor task process is a fork of a scheduler that imported Ray, so Ray is loaded
 before this file is parsed."""
 

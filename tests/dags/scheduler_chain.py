@@ -1,6 +1,6 @@
 """A ``@task.ray`` -> ``@task.ray`` (mapped) -> ``@task`` -> ``@task.ray`` chain for the scheduler test.
 
-``tests/test_scheduler_postgres.py`` copies this file into a private DAGs folder and
+``tests/system/test_scheduler_postgres.py`` copies this file into a private DAGs folder and
 runs it through a real scheduler (LocalExecutor, PostgreSQL). The final task returns
 ``(sum(i * i for i in 1..N) + OFFSET) * FACTOR``; with the defaults below that is 72.
 Importing this file has no side effects beyond defining the DAG.

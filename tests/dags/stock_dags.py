@@ -1,4 +1,4 @@
-"""A DAG for tests/test_stock_ray.py: run on a head whose Python has Ray and data libraries only."""
+"""A DAG for tests/system/test_bundle_stock_ray.py: run on a head whose Python has Ray and data libraries only."""
 
 from __future__ import annotations
 

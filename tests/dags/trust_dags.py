@@ -1,4 +1,4 @@
-"""DAGs for tests/test_trust.py: what an attacker who can write XCom rows or a bucket can and cannot do.
+"""DAGs for tests/integration/test_trust.py: what an attacker who can write XCom rows or a bucket can and cannot do.
 
 ``tamper`` plays the attacker with write access to the metadata DB (what the REST API's
 XCom edit gives): it copies one task's reference row over another's and writes a forged

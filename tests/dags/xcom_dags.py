@@ -1,4 +1,4 @@
-"""DAGs exercised by tests/test_xcom_backend.py; run with the Ray XCom backend enabled."""
+"""DAGs exercised by tests/integration/xcom/test_backend.py; run with the Ray XCom backend enabled."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The code that runs inside the Ray cluster: owner actors, the keeper, the task worker, checkpoints.
 
-Nothing here imports Airflow (``tests/test_layout.py`` checks it in a fresh interpreter). The
+Nothing here imports Airflow (``tests/unit/test_layout.py`` checks it in a fresh interpreter). The
 provider ships this package, with ``airflow_ray_provider/__init__.py`` and ``exceptions.py``, to
 the cluster itself as a ``runtime_env`` ``py_modules`` entry (``airflow_ray_provider.bundle``), so
 Ray nodes need only Ray and what the user's tasks import: no ``pip install`` of the provider.

@@ -46,7 +46,9 @@ _WATCH_INTERVAL_S = 0.02
 # fetching one into the owner actor is cheap; anything larger may be gigabytes.
 _CHEAP_FETCH_BYTES = 100 * 1024
 # How long a large result's nodes are waited for after its task ended (see _settle): 2 s at most.
-_LOCATE_RETRIES, _LOCATE_RETRY_S = 20, 0.1
+# Up to 10 s for a large result's location: 2 s was not enough on a loaded 2-core machine (the two-host test's
+# 16 MiB array on the worker node was settled without its node). Only large, not yet located results wait.
+_LOCATE_RETRIES, _LOCATE_RETRY_S = 100, 0.1
 
 log = logging.getLogger(__name__)
 

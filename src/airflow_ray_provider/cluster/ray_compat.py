@@ -5,7 +5,7 @@ joined, the id of whatever answers at an address now, re-reading the auth token,
 copies live, hooking placement-group and actor creation). Each such use is a function here.
 When the installed Ray lacks the API, the function raises :class:`RayFeatureUnavailable`
 naming the Ray version and the supported range, instead of an ``AttributeError`` deep in a task
-or a hang. ``tests/test_layout.py`` checks that no other module touches these APIs.
+or a hang. ``tests/unit/test_layout.py`` checks that no other module touches these APIs.
 
 Ray is imported inside the functions: the Airflow side imports this module while parsing DAGs.
 """

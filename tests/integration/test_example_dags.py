@@ -1,0 +1,61 @@
+"""Example DAGs run end to end as a user runs them, checked by their results.
+
+Each is loaded from its file in ``example_dags/`` (an Airflow DAG bundle of its own in this session) and run
+with ``dag.test()`` and small Params in this process, with the Ray XCom backend, on the session's head. The
+README's main job (``make example``), the Tune search killed mid-way and the fault-tolerance example (which
+restarts its head) need processes or heads of their own: tests/system/test_example_dags.py and
+tests/system/cluster/test_try_cleanup.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.support.examples import example_dag, import_example
+from tests.support.rows import pulled, task_states
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _log(capfd: pytest.CaptureFixture[str]) -> str:
+    out = capfd.readouterr()
+    return out.out + out.err
+
+
+def test_basics_example_fans_out_over_ray_tasks(capfd: pytest.CaptureFixture[str]) -> None:
+    dr = example_dag("example_ray_basics").test(run_conf={"shards": 3, "rows_per_shard": 1000})
+    output = _log(capfd)
+    assert set(task_states(dr).values()) == {"success"}, output[-8000:]
+    # Each shard seeds its own generator: the same draws, made here, give the expected sum.
+    expected = 0
+    for shard in range(3):
+        rng = np.random.default_rng(shard)
+        rng.normal(size=1000)
+        expected += int(rng.integers(0, 10, size=1000).sum())
+    assert pulled(dr, "report") == f"3 Ray shards produced 3000 rows; sum(y) = {expected}"
+    assert pulled(dr, "plan") == [0, 1, 2]
+    assert "[ray] shard 2: 1000 rows" in output  # the Ray worker's print reached the task log
+
+
+def test_higgs_reads_real_data_in_the_uci_layout(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """``data_path`` given: the real HIGGS format (gzip, no header, label first) trains.
+
+    That a file of another layout fails fast is tests/unit/test_example_dags.py.
+    """
+    higgs = import_example("example_ray_xgboost_higgs")
+    real = tmp_path / "HIGGS.csv.gz"
+    higgs.synthetic_higgs(str(tmp_path / "plain.csv"), 6000, seed=3)
+    with open(tmp_path / "plain.csv", "rb") as src, gzip.open(real, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    dr = example_dag("example_ray_xgboost_higgs").test(
+        run_conf={"data_path": str(real), "rows": 5000, "rounds": 5, "ray_train": False})
+    output = _log(capfd)
+    assert set(task_states(dr).values()) == {"success"}, output[-8000:]
+    assert pulled(dr, "prepare_data") == str(real)
+    assert pulled(dr, "evaluate")["rows"] == 1000  # 20% of the 5,000 rows read
+    assert "generated" not in output

@@ -1,0 +1,82 @@
+"""What is read back from outside the Ray cluster is authenticated before it is used, end to end.
+
+XCom rows (anyone with the REST API's XCom edit, or a task returning a look-alike) and checkpoint
+manifests (anyone who can write to the bucket) decide what is fetched, restored and unpickled. Each test
+plays one such attacker against real Airflow and Ray and checks that nothing of theirs was loaded (a
+pickle that writes a marker file when unpickled), and that the error says what was refused. The same
+checks without Ray are in tests/unit/xcom/test_reference.py and tests/unit/cluster/test_checkpoint_trust.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from airflow_ray_provider.cluster.checkpoint import Store, TaskCheckpoint, TaskKey
+from tests.dags import checkpoint_dags, trust_dags
+from tests.dags.trust_dags import ATTACKER_KEY, Bomb
+from tests.support.rows import pulled, task_states
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _log(capfd: pytest.CaptureFixture[str]) -> str:
+    out = capfd.readouterr()
+    return out.out + out.err
+
+
+def test_copied_forged_and_look_alike_rows_are_refused_end_to_end(tmp_path: Path,
+                                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    """One DAG run: a row copied from another task, a forged row at a planted checkpoint, a string echo."""
+    marker = tmp_path / "unpickled"
+    dr = trust_dags.xcom_trust_dag.test(run_conf={"root": str(tmp_path / "planted"), "marker": str(marker)})
+    output = _log(capfd)
+    states = task_states(dr)
+    assert states["tamper"] == "success" and states["echo"] == "success", output[-6000:]
+    # A valid row copied over another task's: refused, naming both.
+    assert states["read_copied"] == "failed"
+    assert re.search(r"read from the row with task_id='value_b'.* was written for task_id='secret_a'", output)
+    # A forged reference whose checkpoint digest is right: refused, nothing unpickled anywhere.
+    assert states["read_forged"] == "failed"
+    assert "is not signed with this deployment's [ray] secret_key" in output
+    assert not marker.exists(), "the planted pickle was loaded"
+    # Text that looks like a reference is text.
+    assert states["read_echo"] == "success"
+    assert pulled(dr, "read_echo") == "str:" + trust_dags.row_of(dr.run_id, "secret_a")[:40]
+
+
+def test_a_planted_checkpoint_is_not_reused_on_rerun(tmp_path: Path, ray_connection: Callable[..., object],
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
+    """The no-recompute check reads the manifest with no expected digest: only the signature anchors it."""
+    marker, bomb = tmp_path / "produce.log", tmp_path / "unpickled"
+    root = tmp_path / "ckpt"
+    ray_connection(checkpoint_path=str(root))
+
+    def run() -> object:
+        dr = checkpoint_dags.ckpt_reuse_dag.test(run_after=checkpoint_dags.START, logical_date=checkpoint_dags.START,
+                                                run_conf={"marker": str(marker), "n": 4})
+        assert set(task_states(dr).values()) == {"success"}, task_states(dr)
+        return dr
+
+    first = run()
+    assert pulled(first, "total") == 14 and lines(marker) == ["produce 4"]
+    key = TaskKey("ckpt_reuse", first.run_id, "produce", -1)
+    manifest = json.loads((root / "/".join(key.segments()) / "result" / "manifest.json").read_text())
+    # The attacker copies the fingerprint the no-recompute check compares, so only the signature differs.
+    TaskCheckpoint(Store(str(root), secret=ATTACKER_KEY), key).write_result(Bomb(str(bomb)),
+                                                                             fingerprint=manifest["fingerprint"])
+    bomb.unlink(missing_ok=True)
+    capfd.readouterr()
+    again = run()
+    output = _log(capfd)
+    assert pulled(again, "total") == 14 and lines(marker) == ["produce 4", "produce 4"]  # recomputed
+    assert "Not reusing the checkpoint" in output and "not signed with this deployment's" in output
+    assert not bomb.exists()

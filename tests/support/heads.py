@@ -1,0 +1,43 @@
+"""Helpers for tests of Ray heads: heads from another virtualenv (a stock-Ray one, another Ray/Python version),
+file modes, and forged state files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_ray_provider.local_cluster import LocalRayCluster, free_ports
+
+
+def file_mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def forge_state(cluster: LocalRayCluster, pid: int, **fields: object) -> None:
+    """A state file naming ``pid`` as the head's session, as an older version (or an attacker) would write it."""
+    cluster.home.mkdir(parents=True, exist_ok=True)
+    (gcs_port,) = free_ports(1)
+    state = {"address": f"127.0.0.1:{gcs_port}", "gcs_port": gcs_port, "session_id": pid,
+             "temp_dir": str(cluster.temp_dir), "dashboard_url": None, "started_at": 1.0, "version": 1, **fields}
+    cluster.state_file.write_text(json.dumps(state))
+
+
+@contextlib.contextmanager
+def head_from(venv: Path, home: Path, build_hint: str, num_cpus: int) -> Iterator[tuple[Any, Any]]:
+    """``(cluster, state)`` of a head started with ``venv``'s ``ray``; skips, saying how to build it, if absent."""
+    ray_command = venv / "bin" / "ray"
+    if not ray_command.exists():
+        pytest.skip(f"no virtualenv at {venv} ({build_hint})")
+    cluster = LocalRayCluster(home, num_cpus=num_cpus, ray_command=str(ray_command))
+    state = cluster.ensure_running()
+    try:
+        yield cluster, state
+    finally:
+        cluster.stop()

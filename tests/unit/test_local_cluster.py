@@ -1,0 +1,136 @@
+"""The embedded head's files, without starting one: state files, tokens, auth mode, stale process marks.
+
+What starts a head (concurrent first callers, the CLI, the private head's sockets and files) is in
+tests/system/test_local_cluster.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from airflow_ray_provider.exceptions import LocalClusterError
+from airflow_ray_provider.local_cluster import (
+    LocalRayCluster,
+    load_or_create_token,
+    read_token_file,
+)
+from tests.support.heads import file_mode, forge_state
+
+
+def test_malformed_state_file_is_refused(tmp_path: Path) -> None:
+    cluster = LocalRayCluster(tmp_path)
+    tmp_path.mkdir(exist_ok=True)
+    cluster.state_file.write_text(json.dumps({"address": "x", "gcs_port": "not-a-port"}))
+    with pytest.raises(LocalClusterError, match="Malformed state file"):
+        cluster.read_state()
+    cluster.state_file.write_text("{not json")
+    with pytest.raises(LocalClusterError, match="Unreadable state file"):
+        cluster.read_state()
+
+
+def test_token_file_others_can_read_or_not_ours_is_refused(tmp_path: Path) -> None:
+    token_file = tmp_path / "ray" / "auth-token"
+    token = load_or_create_token(token_file)
+    assert file_mode(token_file) == 0o600 and file_mode(token_file.parent) == 0o700
+    assert load_or_create_token(token_file) == token  # created once, then reused
+    os.chmod(token_file, 0o640)
+    with pytest.raises(LocalClusterError, match=re.escape(str(token_file))):
+        load_or_create_token(token_file)
+    os.chmod(token_file, 0o600)
+    if os.getuid() == 0:  # only root can give a file away; as another user this path cannot arise
+        os.chown(token_file, 65534, 65534)
+        with pytest.raises(LocalClusterError, match=rf"{re.escape(str(token_file))}: it must be owned by uid 0"):
+            read_token_file(token_file)
+
+
+def test_concurrent_token_creation_agrees(tmp_path: Path) -> None:
+    token_file = tmp_path / "ray" / "auth-token"
+    code = ("import sys, pathlib; from airflow_ray_provider.local_cluster import load_or_create_token; "
+            "print(load_or_create_token(pathlib.Path(sys.argv[1])))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(token_file)], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    tokens = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert len(tokens) == 1 and tokens == {read_token_file(token_file)}, tokens
+
+
+def test_auth_opt_out_is_explicit_and_warned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    cluster = LocalRayCluster(tmp_path / "ray")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    env, mode, token_file = cluster._auth_env()
+    assert mode == "token" and env == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster.token_file)}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with caplog.at_level(logging.WARNING, logger="airflow_ray_provider.local_cluster"):
+        env, mode, token_file = cluster._auth_env()
+    assert (env, mode, token_file) == ({"RAY_AUTH_MODE": "disabled"}, "disabled", None)
+    assert "WITHOUT token authentication because RAY_AUTH_MODE=disabled" in caplog.text
+
+
+def test_state_whose_process_marks_do_not_match_is_not_signalled(
+        tmp_path: Path, unrelated_process: subprocess.Popen[bytes], caplog: pytest.LogCaptureFixture) -> None:
+    """The gcs_server once recorded at that pid is gone and the pid now belongs to someone else."""
+    cluster = LocalRayCluster(tmp_path / "ray")
+    now = psutil.Process(unrelated_process.pid).create_time()
+    for mark in ({"pid": unrelated_process.pid, "create_time": now - 3600, "name": "gcs_server"},  # pid reused
+                 {"pid": unrelated_process.pid, "create_time": now, "name": "sleep"}):  # same process, not Ray's
+        forge_state(cluster, unrelated_process.pid, version=2, auth_mode="token", session_started_at=now - 1,
+                     processes=[mark])
+        assert cluster.status() is None
+        with caplog.at_level(logging.WARNING, logger="airflow_ray_provider.local_cluster"):
+            assert cluster.stop() is False
+        assert "no process was signalled" in caplog.text and not cluster.state_file.exists()
+        assert unrelated_process.poll() is None
+        caplog.clear()
+
+
+def test_state_file_steering_clients_elsewhere_is_refused(tmp_path: Path) -> None:
+    cluster = LocalRayCluster(tmp_path / "ray")
+    forge_state(cluster, 12345, address="192.0.2.99:6379")
+    with pytest.raises(LocalClusterError, match=r"Malformed state file .*is not 127\.0\.0\.1:"):
+        cluster.read_state()
+    os.chmod(cluster.state_file, 0o666)  # others could have rewritten it
+    with pytest.raises(LocalClusterError, match=re.escape(str(cluster.state_file))):
+        cluster.read_state()
+
+
+def test_a_token_the_provider_set_is_not_taken_for_the_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RayHook puts a connection's token into os.environ for Ray's loader; nothing started later may adopt it."""
+    from airflow_ray_provider import local_cluster
+
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        monkeypatch.setenv(name, "placeholder")  # registered, so teardown restores the environment
+    monkeypatch.setattr(local_cluster, "_PROVIDER_AUTH_ENV", {})
+    other = "f" * 64
+    local_cluster.set_provider_auth_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=other)
+    assert os.environ["RAY_AUTH_TOKEN"] == other  # Ray's loader still finds it
+    assert "RAY_AUTH_TOKEN" not in local_cluster.user_environ()
+    assert local_cluster.ray_process_env().get("RAY_AUTH_TOKEN") != other  # a probe or joined node
+    cluster = LocalRayCluster(tmp_path / "ray")
+    mode, token, token_file = cluster._auth_policy()
+    assert (mode, token_file) == ("token", cluster.token_file) and token != other  # its own token file
+
+
+def test_the_users_own_token_stays_theirs_after_the_provider_sets_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's RAY_AUTH_TOKEN runs the embedded head; the first task's connect sets the same value. Seen
+    in `airflow dags test`: had it been recorded as the provider's, the next task asked no token and was
+    refused ("differs in the auth token")."""
+    from airflow_ray_provider import local_cluster
+
+    monkeypatch.setattr(local_cluster, "_PROVIDER_AUTH_ENV", {})
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "u" * 64)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    local_cluster.set_provider_auth_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="u" * 64)
+    assert local_cluster.user_environ()["RAY_AUTH_TOKEN"] == "u" * 64
+    assert "RAY_AUTH_MODE" not in local_cluster.user_environ()  # this one the provider did set
+    assert LocalRayCluster(tmp_path / "ray")._auth_policy()[1:] == ("u" * 64, None)
