@@ -9,6 +9,10 @@ Clones the committed HEAD (what CI sees) into ``--dest``, runs ``make test`` the
 during each (tests/conftest.py, ``AIRFLOW_RAY_TEST_CPU_REPORT``; shared between tests that overlap).
 ``--stress N`` keeps N cores busy with Debian's ``stress-ng --cpu N`` for the whole run (a Python busy
 loop per core where stress-ng is missing), to show the suite does not depend on an idle machine.
+Meanwhile a thread samples every process's CPU time each ``SAMPLE_S`` seconds and sums it by kind of
+process (``kind``: a Ray head's GCS, raylet and agents, Airflow's components, task runners, pytest, the
+browser...), so the results say where the machine's CPU went. A process that lives less than one sample
+is missed and one that ends loses its last interval: the table is a lower bound, good for proportions.
 """
 
 from __future__ import annotations
@@ -17,15 +21,69 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+SAMPLE_S = 2.0
+# (kind, pattern on "name cmdline"), first match wins; Ray's agents are titled ray::DashboardAgent and so on.
+KINDS = [
+    ("ray gcs_server", r"gcs_server"), ("ray raylet", r"^raylet|/raylet "),
+    ("ray dashboard and agents", r"(?i)dashboard|agent|log_monitor|ray/autoscaler|monitor\.py"),
+    ("ray Client server", r"ray_client_server|ray\.util\.client\.server"),
+    ("ray workers (ray::)", r"^ray::|ray::|default_worker\.py"),
+    ("airflow task runners", r"airflow worker --|airflow task|supervis"),
+    ("airflow scheduler", r"airflow scheduler"), ("airflow dag-processor", r"dag-processor|dag_processor"),
+    ("airflow api-server", r"api-server|api_server|uvicorn|gunicorn"), ("airflow triggerer", r"triggerer"),
+    ("celery", r"celery"), ("ray start (cli)", r"bin/ray start"),
+    ("pytest", r"pytest"), ("chromium", r"chrom"), ("seaweedfs", r"weed"), ("postgres", r"postgres"),
+    ("stress", r"stress-ng|_busy"), ("uv / pip", r"\buv\b|pip"), ("other python", r"python"),
+]
+
+
+def kind(proc: psutil.Process) -> str:
+    text = f"{proc.name()} {' '.join(proc.cmdline())}"
+    return next((k for k, pattern in KINDS if re.search(pattern, text)), "other")
+
+
+class CpuSampler(threading.Thread):
+    """CPU seconds used by kind of process, sampled every ``SAMPLE_S`` (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="cpu-sampler")
+        self.used: Counter[str] = Counter()
+        self.stop = threading.Event()
+        self._last: dict[tuple[int, float], tuple[str, float]] = {}
+
+    def run(self) -> None:
+        self._sample(count=False)  # what ran before the suite started is not the suite's
+        while not self.stop.wait(SAMPLE_S):
+            self._sample(count=True)
+
+    def _sample(self, count: bool) -> None:
+        seen: dict[tuple[int, float], tuple[str, float]] = {}
+        for proc in psutil.process_iter():
+            try:
+                key = (proc.pid, proc.create_time())
+                times = proc.cpu_times()
+                total = times.user + times.system
+                what = self._last[key][0] if key in self._last else kind(proc)
+            except psutil.Error:
+                continue
+            if count:
+                self.used[what] += max(0.0, total - self._last.get(key, (what, 0.0))[1])
+            seen[key] = (what, total)
+        self._last = seen
 
 
 def _busy() -> None:
@@ -76,6 +134,8 @@ def main() -> int:
     report = args.dest / "cpu-per-test.tsv"
     log = args.dest / "make-test.log"
     load = start_load(args.stress)
+    sampler = CpuSampler()
+    sampler.start()
     started = time.monotonic()
     try:
         with open(log, "w") as out:
@@ -83,12 +143,14 @@ def main() -> int:
                                     env={**os.environ, "AIRFLOW_RAY_TEST_CPU_REPORT": str(report)}).returncode
     finally:
         stop_load(load)
+        sampler.stop.set()
     wall = time.monotonic() - started
     times = (args.dest / ".test-times").read_text().strip() if (args.dest / ".test-times").exists() else ""
     summary = [line for line in log.read_text(errors="replace").splitlines()
                if line.startswith("=") and (" passed" in line or " failed" in line or " error" in line)]
     result = {"commit": commit, "label": label, "status": status, "wall_s": round(wall),
               "tiers": times.splitlines(), "pytest": summary,
+              "cpu_s_by_kind": {k: round(v) for k, v in sampler.used.most_common()},
               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / "suite_tiers.jsonl", "a") as out:
@@ -101,7 +163,12 @@ def main() -> int:
              *(f"- pytest: `{line.strip('= ')}`" for line in summary),
              "\nSlowest tests (wall s, machine busy CPU-s during the test; lanes overlap, so CPU is shared):\n",
              "| test | wall s | CPU-s |", "| --- | --- | --- |",
-             *(f"| `{nodeid}` | {w:.0f} | {c:.0f} |" for nodeid, w, c in slowest(report)), ""]
+             *(f"| `{nodeid}` | {w:.0f} | {c:.0f} |" for nodeid, w, c in slowest(report)),
+             f"\nCPU seconds by kind of process (sampled every {SAMPLE_S:.0f} s; a lower bound), "
+             f"{sum(sampler.used.values()):.0f} in all against {2 * wall:.0f} core-seconds of wall:\n",
+             "| kind | CPU-s | share |", "| --- | --- | --- |",
+             *(f"| {k} | {v:.0f} | {v / max(1.0, sum(sampler.used.values())):.0%} |"
+               for k, v in sampler.used.most_common()), ""]
     with open(RESULTS / "suite_tiers.md", "a") as out:
         out.write("\n".join(lines))
     print("\n".join(lines))

@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             state = cluster.status()
             if state is None:
-                print("not running")
+                recorded = cluster.read_state()
+                why = cluster.why_not_serving(recorded) if recorded is not None else None
+                print(f"not running: {why}" if why and not why.startswith("no process") else "not running")
                 return 3
     except LocalClusterError as exc:
         print(f"airflow-ray: {exc}", file=sys.stderr)

@@ -26,6 +26,7 @@ from airflow_ray_provider.cluster.signing import MIN_SECRET_BYTES
 from airflow_ray_provider.exceptions import SigningError
 
 SECRET_FILE = "secret_key"
+MIN_SECRET_DISTINCT = 8  # secrets.token_hex gives 16 distinct characters in 64; a typed phrase more
 SECTION = "ray"
 
 DEFAULT_CONN_ID = "ray_default"  # the ``ray`` connection a task, the backend and the CLI use unless told
@@ -102,9 +103,13 @@ def secret_key() -> bytes:
 def _secret(configured: str, home: str) -> bytes:
     if configured:
         value = configured.encode()
+        advice = "(python -c 'import secrets; print(secrets.token_hex(32))')"
         if len(value) < MIN_SECRET_BYTES:
             raise SigningError(f"[ray] secret_key is {len(value)} bytes long; use at least {MIN_SECRET_BYTES} "
-                               f"random characters (python -c 'import secrets; print(secrets.token_hex(32))')")
+                               f"random characters {advice}")
+        if len(set(value)) < MIN_SECRET_DISTINCT:  # 32 spaces, "aaaa…": long enough, and guessable
+            raise SigningError(f"[ray] secret_key has {len(set(value))} distinct character(s) in its "
+                               f"{len(value)}: it is not random; use a random key {advice}")
         return value
     return _key_file(Path(home) / "ray" / SECRET_FILE)
 

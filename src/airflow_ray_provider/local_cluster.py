@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -44,9 +45,12 @@ from airflow_ray_provider.exceptions import LocalClusterError
 
 START_TIMEOUT_S = 120.0
 # `ray start` gives a new raylet fixed windows (its agents 15 s to report their ports, then 30 s to register;
-# Ray has no setting for either): on a loaded machine a start fails now and then, and the next one usually
-# does not. Three attempts, a short pause between them.
+# Ray has no setting for either, ray/_private/node.py): on a loaded machine a start fails now and then, and a
+# later one does not. A start that timed out is tried again, with a growing pause, until START_DEADLINE_S
+# has passed (CI saw three in a row time out at a load average of 8-18 on 2 cores); any other failure (a
+# port taken in between, a bad option) is tried START_ATTEMPTS times, so a real error still comes fast.
 START_ATTEMPTS = 3
+START_DEADLINE_S = 300.0
 START_RETRY_PAUSE_S = 2.0
 # Every Airflow task process is a new Ray driver, and by default Ray prestarts idle workers
 # for each new driver's job. Ours never run tasks themselves (the owner actor submits them),
@@ -54,6 +58,11 @@ START_RETRY_PAUSE_S = 2.0
 # the warm worker survive between tasks: that depends on the owner actor's creating job
 # staying alive (see benchmarks/results/chain10*.md and benchmarks/worker_reuse.py).
 RAY_SYSTEM_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0"}
+# Ray's Prometheus endpoint (the dashboard agent's metrics export port) answers without the head's token,
+# and the owner actors' metric names carry every DAG, run and task id: off on the embedded head unless the
+# user's environment sets RAY_enable_metrics_collection itself (README, "Trust boundaries"). It also spares
+# every Ray process of the head the metrics pushes.
+METRICS_ENV = "RAY_enable_metrics_collection"
 LOOPBACK = "127.0.0.1"
 # Ray rewrites a loopback --node-ip-address to the machine's address (services.resolve_ip_for_localhost
 # -> get_node_ip_address) unless ray_constants.ENABLE_RAY_CLUSTER is false; every server of the node
@@ -479,7 +488,25 @@ class LocalRayCluster:
         return [], "; ".join(reasons)
 
     def is_alive(self, state: LocalClusterState) -> bool:
-        return bool(self._verify(state)[0]) and port_open(LOOPBACK, state.gcs_port)
+        return self.why_not_serving(state) is None
+
+    def why_not_serving(self, state: LocalClusterState) -> str | None:
+        """``None`` if the recorded head serves; else why not, for the CLI and the log.
+
+        Its GCS alone is not a head: with its raylet gone (killed, OOM) the cluster has no node, and a driver
+        would connect and then wait for one (about a minute) before blaming the connection.
+        """
+        procs, reason = self._verify(state)
+        if not procs:
+            return f"no process of it runs ({reason})"
+        alive = {(p.pid, p.name()) for p in procs if _is_running(p)}
+        dead = [mark for mark in state.processes if (mark.pid, mark.name) not in alive]
+        if dead:
+            return (f"its {', '.join(f'{m.name} (pid {m.pid})' for m in dead)} exited, so it has no node; a new "
+                    f"head starts on the next use (or `airflow-ray local start`)")
+        if not port_open(LOOPBACK, state.gcs_port):
+            return f"its GCS does not answer on port {state.gcs_port}"
+        return None
 
     def status(self) -> LocalClusterState | None:
         """The running head, or ``None`` (a stale state file counts as none)."""
@@ -492,7 +519,10 @@ class LocalRayCluster:
         """Stop a recorded head that is provably ours; otherwise just forget it, signalling nothing."""
         procs, reason = self._verify(state)
         if procs:
-            self._kill(procs)  # ours, but not serving (e.g. the GCS died): clear it before a restart
+            # Ours, but not serving (its GCS or raylet died): cleared before a restart, saying why.
+            log.warning("The embedded Ray head of %s does not serve: %s. Stopping what is left of it and "
+                        "starting a new one", self.home, self.why_not_serving(state))
+            self._kill(procs)
             return
         log.warning("Discarding stale state file %s (session %d): %s; no process was signalled",
                     self.state_file, state.session_id, reason)
@@ -501,7 +531,7 @@ class LocalRayCluster:
 
     # -- lifecycle -------------------------------------------------------------
     def _lock(self) -> FileLock:
-        return FileLock(str(self.lock_file), timeout=START_ATTEMPTS * (START_TIMEOUT_S + 10) + 30, mode=0o600)
+        return FileLock(str(self.lock_file), timeout=START_DEADLINE_S + START_TIMEOUT_S + 60, mode=0o600)
 
     def ensure_running(self) -> LocalClusterState:
         """Return the running head, starting it first if needed (safe across processes)."""
@@ -516,15 +546,22 @@ class LocalRayCluster:
             stale = self.read_state()
             if stale is not None:
                 self._discard_stale(stale)
-            for attempt in range(1, START_ATTEMPTS + 1):
+            began = time.monotonic()
+            for attempt in itertools.count(1):
                 try:
                     return self._start()
                 except LocalClusterError as exc:
-                    if attempt == START_ATTEMPTS:
-                        raise
-                    log.warning("Starting the embedded Ray head failed (attempt %d of %d: %s; %s); trying again",
-                                attempt, START_ATTEMPTS, exc, self._last_start_error())
-                    time.sleep(START_RETRY_PAUSE_S * attempt)
+                    why = self._last_start_error()
+                    timed_out = "timed out" in why.lower() or "did not finish within" in str(exc)
+                    pause = START_RETRY_PAUSE_S * attempt
+                    if time.monotonic() + pause - began > START_DEADLINE_S or (
+                            not timed_out and attempt >= START_ATTEMPTS):
+                        raise LocalClusterError(f"{exc} (attempt {attempt}, {time.monotonic() - began:.0f}s since "
+                                                f"the first; the last error: {why})") from None
+                    limit = f"until {START_DEADLINE_S:.0f}s have passed" if timed_out else f"of {START_ATTEMPTS}"
+                    log.warning("Starting the embedded Ray head failed (attempt %d %s: %s; %s); trying again in "
+                                "%.0fs", attempt, limit, exc, why, pause)
+                    time.sleep(pause)
             raise AssertionError("unreachable")
 
     def _last_start_error(self) -> str:
@@ -572,6 +609,7 @@ class LocalRayCluster:
         auth_env, auth_mode, token_file = self._auth_env()
         env = {k: v for k, v in ray_process_env().items() if not k.startswith("RAY_AUTH_")}
         env.update(RAY_SYSTEM_ENV, **auth_env)
+        env.setdefault(METRICS_ENV, "0")
         if self.loopback_only:
             cmd.append(f"--node-ip-address={LOOPBACK}")  # kept loopback only by LOOPBACK_ONLY_ENV, see there
             env.update(LOOPBACK_ONLY_ENV)
@@ -677,6 +715,14 @@ def _name(proc: psutil.Process) -> str:
         return proc.name()
     except psutil.Error:
         return ""
+
+
+def _is_running(proc: psutil.Process) -> bool:
+    """Alive and not a zombie (a killed process nobody reaped yet still has its pid and name)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _created_since(proc: psutil.Process, since: float) -> bool:

@@ -170,7 +170,12 @@ def bad_return():
 
         return th.Lock()
 
+    @task.ray
+    def returns_generator():
+        return (i for i in range(3))  # a generator object from a plain function: found when it returns
+
     returns_lock()
+    returns_generator()
 
 
 @dag(dag_id="no_gpu", schedule=None, start_date=START)

@@ -66,10 +66,17 @@ def forged_row(run_id: str, root: str, marker: str) -> str:
     return json.dumps(signed_json(ref, ATTACKER_KEY))
 
 
-def set_row(run_id: str, task_id: str, value: str) -> None:
+def set_row(run_id: str, task_id: str, value: str, map_index: int = -1, dag_id: str = "xcom_trust") -> None:
     with _db() as db:
-        db.execute("UPDATE xcom SET value=? WHERE dag_id='xcom_trust' AND run_id=? AND task_id=? "
-                   "AND key='return_value'", (value, run_id, task_id))
+        db.execute("UPDATE xcom SET value=? WHERE dag_id=? AND run_id=? AND task_id=? AND map_index=? "
+                   "AND key='return_value'", (value, dag_id, run_id, task_id, map_index))
+
+
+def mapped_row(run_id: str, task_id: str, map_index: int = -1) -> str:
+    with _db() as db:
+        (value,) = db.execute("SELECT value FROM xcom WHERE dag_id='xcom_trust_mapped' AND run_id=? AND task_id=? "
+                              "AND map_index=? AND key='return_value'", (run_id, task_id, map_index)).fetchone()
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 @dag(dag_id="xcom_trust", schedule=None, start_date=START, params={"root": "", "marker": ""})
@@ -120,3 +127,59 @@ def xcom_trust():
 
 
 xcom_trust_dag = xcom_trust()
+
+
+@dag(dag_id="xcom_trust_mapped", schedule=None, start_date=START)
+def xcom_trust_mapped():
+    """A mapped task's whole output, read as Airflow reads it (LazyXComSequence, get_all), after ``tamper``
+    copied rows: one over another map index of the same task (both ways), another task's over map index 2."""
+
+    @task.ray
+    def secret() -> str:
+        return "the secret"
+
+    @task.ray
+    def item(i: int) -> str:
+        return f"value of map index {i}"
+
+    @task
+    def tamper(run_id: str | None = None) -> None:
+        def copy(source: tuple[str, int], target: tuple[str, int]) -> None:
+            set_row(run_id, target[0], mapped_row(run_id, *source), target[1], dag_id="xcom_trust_mapped")
+
+        copy(("copied_down", 0), ("copied_down", 1))  # map index 0 read again as item 1
+        copy(("copied_up", 2), ("copied_up", 0))  # map index 2 read as item 0, and again as item 2
+        copy(("secret", -1), ("foreign", 2))  # another task's value in map index 2
+
+    @task
+    def whole(values: object) -> list:  # a plain reducer: LazyXComSequence, fetched values
+        return list(values)
+
+    @task.ray
+    def whole_in_ray(values: object) -> list:  # a @task.ray reducer: the same rows, as references
+        return list(values)
+
+    @task
+    def pull_all(source: str, ti=None) -> list:  # ti.xcom_pull of a mapped task: get_all
+        return list(ti.xcom_pull(task_ids=source))
+
+    outputs = {name: item.override(task_id=name).expand(i=[0, 1, 2])
+               for name in ("untouched", "copied_down", "copied_up", "foreign")}
+    done = tamper()
+    list(outputs.values()) >> done
+    secret() >> done
+    readers = [
+        whole.override(task_id="whole_untouched")(outputs["untouched"]),
+        whole_in_ray.override(task_id="whole_in_ray_untouched")(outputs["untouched"]),
+        pull_all.override(task_id="pull_all_untouched")("untouched"),
+        whole.override(task_id="whole_copied_down")(outputs["copied_down"]),
+        whole_in_ray.override(task_id="whole_in_ray_copied_up")(outputs["copied_up"]),
+        pull_all.override(task_id="pull_all_copied_up")("copied_up"),
+        whole.override(task_id="whole_foreign")(outputs["foreign"]),
+        whole_in_ray.override(task_id="whole_in_ray_foreign")(outputs["foreign"]),
+    ]
+    for reader in readers:
+        done >> reader
+
+
+xcom_trust_mapped_dag = xcom_trust_mapped()

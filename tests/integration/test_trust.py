@@ -19,6 +19,7 @@ import pytest
 from airflow_ray_provider.cluster.checkpoint import Store, TaskCheckpoint, TaskKey
 from tests.dags import checkpoint_dags, trust_dags
 from tests.dags.trust_dags import ATTACKER_KEY, Bomb
+from tests.support.dag_runs import why
 from tests.support.rows import pulled, task_states
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -51,6 +52,32 @@ def test_copied_forged_and_look_alike_rows_are_refused_end_to_end(tmp_path: Path
     # Text that looks like a reference is text.
     assert states["read_echo"] == "success"
     assert pulled(dr, "read_echo") == "str:" + trust_dags.row_of(dr.run_id, "secret_a")[:40]
+
+
+def test_a_mapped_output_read_whole_refuses_copied_rows(capfd: pytest.CaptureFixture[str],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A downstream task takes a mapped task's whole output; rows copied within it or from elsewhere are refused.
+
+    Airflow hands the backend these values without their rows (LazyXComSequence, get_all); an untouched
+    output still reads whole, in a plain task, in a ``@task.ray`` and through ``ti.xcom_pull``.
+    """
+    dr = trust_dags.xcom_trust_mapped_dag.test()
+    output = _log(capfd) + caplog.text  # the tasks' log records
+    states = task_states(dr)
+    assert states["tamper"] == "success", why(output)
+    expected = [f"value of map index {i}" for i in range(3)]
+    for reader in ("whole_untouched", "whole_in_ray_untouched", "pull_all_untouched"):
+        assert states[reader] == "success" and pulled(dr, reader) == expected, (reader, why(output))
+    refused = ("whole_copied_down", "whole_in_ray_copied_up", "pull_all_copied_up", "whole_foreign",
+               "whole_in_ray_foreign")
+    assert {reader: states[reader] for reader in refused} == dict.fromkeys(refused, "failed"), why(output)
+    # Map index 0 read as item 1; map index 2 read as item 0 and again as item 2; another task's row.
+    assert re.search(r"read as item 1 of the mapped output of dag 'xcom_trust_mapped', task 'copied_down'.* was "
+                     r"written for map index 0", output), why(output)
+    assert re.search(r"reference of map index 2 of dag 'xcom_trust_mapped', task 'copied_up'.* was read twice from "
+                     r"one mapped output \(items 0 and 2\)", output), why(output)
+    assert re.search(r"read from the row with task_id='foreign' was written for task_id='secret'", output), \
+        why(output)
 
 
 def test_a_planted_checkpoint_is_not_reused_on_rerun(tmp_path: Path, ray_connection: Callable[..., object],

@@ -1,4 +1,5 @@
-"""Run Python (usually a ``dag.test()``) in a fresh interpreter, for tests where the process boundary matters.
+"""Run DAGs for tests: in a fresh interpreter where the process boundary matters, on an embedded head of the
+test's own, and say why a run failed.
 
 Most tests run DAGs in the pytest process; this is for the rest: a signal sent to the process running the
 tasks, another Python or Ray version, a process whose environment must differ from the session's. The
@@ -15,9 +16,17 @@ import re
 import subprocess
 import sys
 import textwrap
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
 
+import pytest
+
+from airflow_ray_provider.local_cluster import LocalRayCluster
 from tests.support import ROOT
+from tests.support.rows import pulled, task_states
+
+ERROR_LINE = re.compile(r"Traceback|Error|Exception|\[error|failed", re.I)
 
 PRELUDE = """
 import json, sys
@@ -57,3 +66,38 @@ def session_ray_conn(**extra: object) -> dict[str, str]:
     current = json.loads(os.environ["AIRFLOW_CONN_RAY_DEFAULT"])
     current["extra"] = {**current["extra"], **extra}
     return {"AIRFLOW_CONN_RAY_DEFAULT": json.dumps(current)}
+
+
+def why(output: str, limit: int = 9000, tail: int = 3000) -> str:
+    """What an assertion shows of a run's output: its error lines, each with the lines after it, then the tail.
+
+    A task that failed early (a try that was retried, an upstream) says why far above the end of a long
+    output, which is all a plain ``output[-N:]`` would show.
+    """
+    lines = output.splitlines()
+    picked: dict[int, None] = {}
+    for i, line in enumerate(lines):
+        if ERROR_LINE.search(line):
+            picked.update(dict.fromkeys(range(i, min(i + 6, len(lines)))))
+    errors = "\n".join(lines[i] for i in picked)[: limit - tail]
+    return f"--- error lines of the output ---\n{errors}\n--- its last {tail} characters ---\n{output[-tail:]}"
+
+
+class EmbeddedRun(NamedTuple):
+    dag_run: Any
+    output: str  # stdout, stderr and the log records of the run
+    pulled: list[Any]  # the return values asked for, read while the head still held them
+
+
+def run_on_embedded_head(dag: Any, run_conf: dict[str, Any], airflow_home: Path, capfd: pytest.CaptureFixture[str],
+                         caplog: pytest.LogCaptureFixture, pull: Sequence[str] = ()) -> EmbeddedRun:
+    """``dag.test()`` on the embedded head of ``airflow_home`` (for DAGs that restart it), which every task must
+    finish; the head is stopped afterwards, whatever happened."""
+    try:
+        dag_run = dag.test(run_conf=run_conf)
+        captured = capfd.readouterr()
+        output = captured.out + captured.err + caplog.text  # a log line can reach stderr late
+        assert set(task_states(dag_run).values()) == {"success"}, why(output)
+        return EmbeddedRun(dag_run, output, [pulled(dag_run, task_id) for task_id in pull])
+    finally:
+        LocalRayCluster(airflow_home / "ray").stop()

@@ -22,8 +22,9 @@ import pytest
 
 from airflow_ray_provider.local_cluster import LocalRayCluster, user_environ
 from tests.support import ROOT
+from tests.support.dag_runs import run_on_embedded_head
 from tests.support.examples import example_dag
-from tests.support.rows import pulled, task_states, tries
+from tests.support.rows import tries
 
 
 @pytest.mark.timeout(1500)
@@ -82,15 +83,9 @@ def test_fault_tolerance_example_recovers_after_a_cluster_restart(
         caplog: pytest.LogCaptureFixture) -> None:
     """Checkpointed upstream, the embedded head restarted, a downstream that fails once: data come back equal."""
     ray_connection({"conn_type": "ray", "extra": {"address": "local", "namespace": "example-ft"}})
-    try:
-        dr = example_dag("example_ray_fault_tolerance").test(run_conf={"rows": 50_000})
-        captured = capfd.readouterr()
-        output = captured.out + captured.err + caplog.text  # a log line can reach stderr late
-        assert set(task_states(dr).values()) == {"success"}, output[-8000:]
-        # Read while the (restarted) head still holds the results.
-        restart, recovered, verified = (pulled(dr, t) for t in ("restart_ray", "transform", "verify"))
-    finally:
-        LocalRayCluster(airflow_home / "ray").stop()
+    dr, output, (restart, recovered, verified) = run_on_embedded_head(
+        example_dag("example_ray_fault_tolerance"), {"rows": 50_000}, airflow_home, capfd, caplog,
+        pull=("restart_ray", "transform", "verify"))
     before, after = restart.removeprefix("Ray head restarted: ").split(" -> ")
     assert before != after
     assert tries(dr) == {"produce": 1, "restart_ray": 1, "transform": 2, "verify": 1}

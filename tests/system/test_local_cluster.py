@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from airflow_ray_provider.local_cluster import (
@@ -81,6 +85,19 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
         assert (tmp_path / "ray" / "local-cluster.json").exists()
         assert f"auth: token in {tmp_path / 'ray' / 'auth-token'}" in status.stdout
         assert read_token_file(tmp_path / "ray" / "auth-token") not in status.stdout + started.stdout
+        # Its raylet killed (OOM, a person): the head has no node. Status says so, and the next start
+        # replaces it instead of handing out a GCS that would leave every driver waiting for a node.
+        (raylet,) = [m["pid"] for m in state["processes"] if m["name"] == "raylet"]
+        os.kill(raylet, signal.SIGKILL)
+        psutil.wait_procs([psutil.Process(raylet)], timeout=30)
+        status = run("status")
+        assert status.returncode == 3, status.stdout + status.stderr
+        assert f"not running: its raylet (pid {raylet}) exited, so it has no node" in status.stdout
+        again = run("start", "--num-cpus", "1", "--json")
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["address"] != state["address"]
+        assert "does not serve: its raylet" in again.stderr  # the warning says why a new head started
+        assert run("status").returncode == 0
     finally:
         stopped = run("stop")
     assert stopped.stdout.strip() == "stopped"
@@ -98,11 +115,14 @@ def test_a_saved_ray_token_does_not_lock_the_provider_out_of_its_embedded_head(t
     env.pop("AIRFLOW_CONN_RAY_DEFAULT", None)  # no connection: the embedded head
     code = ("import ray; from airflow_ray_provider.hooks.ray import RayHook; RayHook().get_conn(); "
             "print('sum', ray.get(ray.remote(lambda: 40 + 2).remote()))")
+    cluster = LocalRayCluster(tmp_path / "airflow" / "ray")
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+        start_log = cluster.log_file.read_text(errors="replace") if cluster.log_file.exists() else "<no log>"
     finally:
-        LocalRayCluster(tmp_path / "airflow" / "ray").stop()
-    assert proc.returncode == 0 and "sum 42" in proc.stdout, proc.stderr[-3000:]
+        cluster.stop()
+    assert proc.returncode == 0 and "sum 42" in proc.stdout, f"{proc.stderr[-3000:]}\n--- {cluster.log_file}:\n" \
+                                                             f"{start_log[-5000:]}"
 
 
 # -- the head is private to its user ---------------------------------------------------------------
@@ -158,6 +178,25 @@ def test_head_listens_on_loopback_only(private_head: tuple[LocalRayCluster, Loca
     assert int(state.client_address.rsplit(":", 1)[1]) in {port for _, port, _ in sockets}  # Ray Client too
     # Only loopback: 127.0.0.1, or its IPv4-mapped form on a dual-stack socket; never 0.0.0.0, ::, * or the LAN.
     assert not [s for s in sockets if s[0] not in ("127.0.0.1", "::ffff:127.0.0.1")], sockets
+
+
+def _serves_ray_metrics(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return response.status == 200 and b"ray_" in response.read(1 << 20)
+    except Exception:  # noqa: BLE001 - a gRPC port, a refusal, a timeout: no metrics from it
+        return False
+
+
+def test_no_port_of_the_head_serves_metrics_without_the_token(
+        private_head: tuple[LocalRayCluster, LocalClusterState]) -> None:
+    """Ray's Prometheus endpoint answers without the token, and the owners' metric names carry every DAG, run
+    and task id: the embedded head does not export metrics (unless the user's environment turns them on)."""
+    cluster, state = private_head
+    ports = sorted({port for _, port, _ in listening_sockets(cluster._session_processes(state.session_id))})
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        serving = [port for port, yes in zip(ports, pool.map(_serves_ray_metrics, ports), strict=True) if yes]
+    assert ports and not serving, f"ports {serving} of {ports} serve Ray's metrics to anyone on this host"
 
 
 def test_a_driver_without_the_token_is_refused_and_ray_hook_brings_it(
@@ -269,7 +308,7 @@ def test_a_failed_start_is_tried_again_and_says_why(tmp_path: Path, caplog: pyte
         with caplog.at_level(logging.WARNING, logger="airflow_ray_provider.local_cluster"):
             state = cluster.ensure_running()
         assert marker.exists() and cluster.status() == state
-        assert "failed (attempt 1 of 3" in caplog.text, caplog.text
+        assert "failed (attempt 1 until 300s have passed" in caplog.text, caplog.text
         assert "The current node timed out during startup" in caplog.text, caplog.text
     finally:
         cluster.stop()

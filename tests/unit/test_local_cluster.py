@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from airflow_ray_provider import local_cluster
 from airflow_ray_provider.exceptions import LocalClusterError
 from airflow_ray_provider.local_cluster import (
     LocalRayCluster,
@@ -105,8 +106,6 @@ def test_state_file_steering_clients_elsewhere_is_refused(tmp_path: Path) -> Non
 
 def test_a_token_the_provider_set_is_not_taken_for_the_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """RayHook puts a connection's token into os.environ for Ray's loader; nothing started later may adopt it."""
-    from airflow_ray_provider import local_cluster
-
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
         monkeypatch.setenv(name, "placeholder")  # registered, so teardown restores the environment
     monkeypatch.setattr(local_cluster, "_PROVIDER_AUTH_ENV", {})
@@ -125,8 +124,6 @@ def test_the_users_own_token_stays_theirs_after_the_provider_sets_the_same(
     """The user's RAY_AUTH_TOKEN runs the embedded head; the first task's connect sets the same value. Seen
     in `airflow dags test`: had it been recorded as the provider's, the next task asked no token and was
     refused ("differs in the auth token")."""
-    from airflow_ray_provider import local_cluster
-
     monkeypatch.setattr(local_cluster, "_PROVIDER_AUTH_ENV", {})
     monkeypatch.setenv("RAY_AUTH_TOKEN", "u" * 64)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
@@ -134,3 +131,39 @@ def test_the_users_own_token_stays_theirs_after_the_provider_sets_the_same(
     assert local_cluster.user_environ()["RAY_AUTH_TOKEN"] == "u" * 64
     assert "RAY_AUTH_MODE" not in local_cluster.user_environ()  # this one the provider did set
     assert LocalRayCluster(tmp_path / "ray")._auth_policy()[1:] == ("u" * 64, None)
+
+
+# -- a start that fails: a stand-in `ray` command, since no real one fails on demand ------------------------
+def _failing_ray(tmp_path: Path, message: str) -> Path:
+    """A `ray` command that prints ``message`` as `ray start` prints its last error, counts calls, and fails."""
+    script = tmp_path / "ray"
+    script.write_text(f"#!/bin/sh\necho call >> {tmp_path / 'calls'}\necho '{message}'\nexit 1\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_a_start_that_times_out_is_tried_again_until_the_deadline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Ray's fixed startup windows: more than START_ATTEMPTS tries, bounded by START_DEADLINE_S."""
+    monkeypatch.setattr(local_cluster, "START_DEADLINE_S", 1.0)
+    monkeypatch.setattr(local_cluster, "START_RETRY_PAUSE_S", 0.1)
+    ray = _failing_ray(tmp_path, "Exception: The current node timed out during startup.")
+    cluster = LocalRayCluster(tmp_path / "home", ray_command=str(ray))
+    with caplog.at_level(logging.WARNING, logger="airflow_ray_provider.local_cluster"), \
+            pytest.raises(LocalClusterError, match=r"failed \(exit code 1\).*the last error: Exception: The current "
+                                                   r"node timed out during startup"):
+        cluster.ensure_running()
+    calls = len((tmp_path / "calls").read_text().split())
+    assert calls > local_cluster.START_ATTEMPTS
+    assert "attempt 1 until 1s have passed" in caplog.text, caplog.text
+
+
+def test_a_start_that_fails_otherwise_gives_up_after_its_attempts(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any other failure (a bad option, a port taken) is not waited out: START_ATTEMPTS tries, then the error."""
+    monkeypatch.setattr(local_cluster, "START_RETRY_PAUSE_S", 0.01)
+    ray = _failing_ray(tmp_path, "ValueError: --num-cpus must be a number")
+    cluster = LocalRayCluster(tmp_path / "home", ray_command=str(ray))
+    with pytest.raises(LocalClusterError, match=r"attempt 3,.*the last error: ValueError: --num-cpus"):
+        cluster.ensure_running()
+    assert len((tmp_path / "calls").read_text().split()) == local_cluster.START_ATTEMPTS

@@ -33,7 +33,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -318,9 +318,12 @@ class TaskCheckpoint:
             fields["signature"] = signing.sign(secret, signing.MANIFEST, fields)
             body = json.dumps(fields, sort_keys=True).encode()
             _commit(fs, f"{folder}/{MANIFEST}", body)
-        except CheckpointError:
-            raise
         except Exception as exc:
+            # This write's files (a partial one among them) would fill the store for every other task on it,
+            # and a retry would add its own: they go, best effort; earlier checkpoints are left alone.
+            _remove_files(data_fs, folder, lambda name: name.startswith(f"{token}-"))
+            if isinstance(exc, CheckpointError):
+                raise
             raise CheckpointError(f"Writing the checkpoint to {self.store.url(folder)} failed: "
                                   f"{type(exc).__name__}: {exc}") from exc
         _remove_stale(fs, folder, {p["file"] for p in parts})
@@ -610,11 +613,26 @@ def _put(fs: Any, path: str, writer: Any) -> tuple[str, int]:
 
 
 def _encode_to(raw: Any, writer: Any) -> tuple[str, int]:
-    """Run ``writer`` into the binary file ``raw`` (closed here); returns the sha256 and size of what it wrote."""
-    with raw, io.BufferedWriter(_HashingFile(raw), _CHUNK) as out:
-        writer(out)
-        out.flush()
-        return out.raw.sha256.hexdigest(), out.raw.size
+    """Run ``writer`` into the binary file ``raw`` (closed here); returns the sha256 and size of what it wrote.
+
+    If ``writer`` fails, s3fs's upload is abandoned (``discard`` aborts the multipart upload) rather than
+    completed with what was sent so far. pyarrow's stream cannot be abandoned from Python: closing it
+    completes the object, which the failed write then deletes with its other files (``TaskCheckpoint._write``).
+    """
+    try:
+        with io.BufferedWriter(_HashingFile(raw), _CHUNK) as out:
+            writer(out)
+            out.flush()
+            digest, size = out.raw.sha256.hexdigest(), out.raw.size
+    except BaseException:
+        if callable(getattr(raw, "discard", None)):
+            with contextlib.suppress(Exception):
+                raw.discard()
+        with contextlib.suppress(Exception):
+            raw.close()
+        raise
+    raw.close()  # completes the file: an error here (a full disk, a refused upload) is the write's error
+    return digest, size
 
 
 def _transfer_options(fs: Any) -> dict[str, Any]:
@@ -641,18 +659,23 @@ def _commit(fs: Any, path: str, body: bytes) -> None:
 
 
 def _remove_stale(fs: Any, folder: str, keep: set[str]) -> None:
-    """Delete data files of earlier writes that the new manifest no longer names (best effort).
+    """Delete data files of earlier writes that the new manifest no longer names (best effort)."""
+    _remove_files(fs, folder, lambda name: name not in keep)
 
-    A failure costs only storage (the files are never read: no manifest names them), so it is
-    logged, not raised: the checkpoint itself is already committed.
+
+def _remove_files(fs: Any, folder: str, chosen: Callable[[str], bool]) -> None:
+    """Delete the data files in ``folder`` whose names are ``chosen`` (best effort).
+
+    A failure costs only storage (no manifest names these files, so they are never read), so it is
+    logged, not raised.
     """
     try:
         for entry in fs.ls(folder, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if _DATA_FILE.fullmatch(name) and name not in keep:
+            if _DATA_FILE.fullmatch(name) and chosen(name):
                 fs.rm_file(entry)
     except Exception as exc:  # noqa: BLE001 - see the docstring
-        log.warning("Could not remove stale checkpoint files in %s: %s: %s", folder, type(exc).__name__, exc)
+        log.warning("Could not remove checkpoint files in %s: %s: %s", folder, type(exc).__name__, exc)
 
 
 def _fetch(fs: Any, path: str, expected_size: int) -> tuple[bytearray, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import inspect
 import io
 import logging
 import os
@@ -417,6 +418,11 @@ def run_callable(payload: tuple[Any, ...], key: str, owner: Any) -> Any:
                 try:
                     with _tracking_what_this_try_makes(made):
                         result = fn(*args, **kwargs)
+                    if inspect.isgenerator(result) or inspect.isasyncgen(result):
+                        # Returned as is, Ray would keep the first item and drop the rest, silently.
+                        raise TypeError(f"The callable returned a {type(result).__name__}, which cannot be a task "
+                                        f"result: Ray would keep only its first item. Return its items as a list "
+                                        f"(`return list(...)`)")
                 except BaseException:
                     # The owner releases this try's placement groups once it sees the failure; the actors
                     # it still references would live on in this (reused) worker, so they go now.

@@ -11,6 +11,7 @@ and its output streamed back into the task log.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,12 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
             and all(isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in resources.items())
         ):
             raise ValueError(f"@task.ray resources must map names to non-negative numbers, got {resources!r}")
+        unwrapped = inspect.unwrap(python_callable)
+        if inspect.isgeneratorfunction(unwrapped) or inspect.isasyncgenfunction(unwrapped):
+            raise TypeError(
+                f"@task.ray {kwargs.get('task_id')!r}: {getattr(python_callable, '__qualname__', python_callable)} "
+                f"is a generator function; a task's result is one value, and Ray would keep only the first item. "
+                f"Return the items as a list instead")
         self.ray_conn_id = ray_conn_id
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
@@ -164,6 +171,12 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
             **kwargs,
         )
 
+    def _key_prefix(self) -> str:
+        """What every Ray key this task instance submits starts with: its dag, run, task and map index."""
+        ident = self._ray_identity
+        return "/".join(str(p) for p in (self.dag_id, ident.get("run_id"), self.task_id,
+                                         ident.get("map_index", -1))) + "/"
+
     @property
     def task_label(self) -> str:
         ident = self._ray_identity
@@ -196,8 +209,6 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
 
     def _portable_kwargs(self) -> dict[str, Any]:
         """Drop or refuse context objects (``ti``, ``dag_run``...) that mean nothing inside Ray."""
-        import inspect
-
         context = self._ray_identity.get("context") or {}
         named = set(inspect.signature(self.python_callable).parameters)
         kwargs: dict[str, Any] = {}
@@ -295,9 +306,7 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
         runtime_env = with_shipped_code(merge_runtime_env(settings.runtime_env, self.runtime_env))
         if runtime_env:
             options["runtime_env"] = runtime_env
-        ident = self._ray_identity
-        key = "/".join(str(p) for p in (self.dag_id, ident.get("run_id"), self.task_id, ident.get("map_index", -1),
-                                        ident.get("try_number", 1), uuid.uuid4().hex[:8]))
+        key = f"{self._key_prefix()}{self._ray_identity.get('try_number', 1)}/{uuid.uuid4().hex[:8]}"
         lease_s = self._lease()
         run = RayTaskRun(key=key, task_label=self.task_label, namespace=settings.namespace,
                          shards=settings.owner_shards, lease_s=lease_s, hold_s=self._hold(), log=self.log)
@@ -307,7 +316,7 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
             self.log.info("Submitted Ray task %s (key %s, %s); its lease is %gs, so a retry of this task "
                           "instance can re-attach to it", self.task_label, key, run.owner_label, lease_s)
         return run_record(self._origin(), self.ray_conn_id, settings.namespace, run.shard, key,
-                          prepared.fingerprint, int(ident.get("try_number", 1)))
+                          prepared.fingerprint, int(self._ray_identity.get("try_number", 1)))
 
     def get_job_status(self, external_id: Any, context: Context) -> str:
         """What became of the Ray task an earlier try recorded: RUNNING, SUCCEEDED or why not to re-attach."""
@@ -386,7 +395,8 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
         """Resumed after the trigger saw the Ray task end: stream its log, then return or fail as ``execute`` would."""
         self._set_identity(context)
-        event = check_event(event, self.ray_conn_id, self.task_label)  # raises on a forged or error event
+        # Raises on a forged or error event, and on one for another task instance's run.
+        event = check_event(event, self.ray_conn_id, self.task_label, self._key_prefix())
 
         def collect() -> Any:
             self._ray_run = self._follow(event["key"], event["namespace"], int(event["shard"]), self._lease())
@@ -518,8 +528,13 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
 
 
 
-def check_event(event: Any, conn_id: str, task_label: str) -> dict[str, Any]:
-    """The trigger's event, if it names a run this deployment deferred on (it comes back through the DB)."""
+def check_event(event: Any, conn_id: str, task_label: str, key_prefix: str) -> dict[str, Any]:
+    """The trigger's event, if it names a run this deployment deferred on for this task instance.
+
+    It comes back through the DB (``next_kwargs``): the signature says this deployment deferred on the run;
+    ``key_prefix`` (the task instance's dag, run, task and map index, which every key it submits starts
+    with) binds it to this task instance, as the durable run record is bound.
+    """
     from airflow_ray_provider.exceptions import RayConnectionError, SigningError
     from airflow_ray_provider.triggers.ray import verify_run
 
@@ -536,6 +551,9 @@ def check_event(event: Any, conn_id: str, task_label: str) -> dict[str, Any]:
     if not signed:
         raise SigningError(f"Task {task_label} resumed with an event for Ray key {event.get('key')!r} on "
                            f"connection {conn_id!r} that this deployment did not sign; not reading it")
+    if not str(event["key"]).startswith(key_prefix):
+        raise SigningError(f"Task {task_label} resumed with an event for Ray key {event['key']!r}, which another "
+                           f"task instance submitted (its keys start with {key_prefix!r}); not reading it")
     return event
 
 

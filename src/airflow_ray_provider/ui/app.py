@@ -5,7 +5,8 @@ with, from the owner actors, whether each is still in Ray or only in its checkpo
 cluster's object store use. Needs read access to the DAG's XComs.
 
 ``POST /ray/runs/{dag_id}/{run_id}/release``: release the run's objects early. Needs edit access to
-the DAG's runs, as clearing or marking one does.
+the DAG's runs, as clearing or marking one does, and, from a browser session, the header
+``X-Airflow-Ray-CSRF: 1`` that only a script of the same origin can set (``same_origin_only``).
 
 ``GET  /ray/view/{dag_id}/{run_id}``: the page the DAG run's *Ray* tab shows (an external view with
 destination ``dag_run``); it calls the two endpoints above with the user's own session.
@@ -28,7 +29,7 @@ from typing import Any
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.common.db.common import SessionDep
 from airflow.api_fastapi.core_api.security import requires_access_dag
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse
 from sqlalchemy import select
 
@@ -151,8 +152,30 @@ def run_objects(dag_id: str, run_id: str, session: SessionDep) -> dict[str, Any]
     return asdict(_view(session, dag_id, run_id))
 
 
+CSRF_HEADER = "X-Airflow-Ray-CSRF"
+
+
+def same_origin_only(request: Request) -> None:
+    """Refuse a state-changing request that a page of another origin may have made the browser send.
+
+    The session cookie goes with any request to this host, from any page of the same site (another port of
+    the Airflow host: the Ray dashboard, Jupyter, Grafana), and SameSite=Lax does not stop a form posted from
+    there. A form cannot set a header, and a script of another origin cannot send one without a CORS
+    preflight this server does not grant; ``Sec-Fetch-Site`` says where the browser itself saw the request
+    come from. A request with its own ``Authorization`` header (an API client's token) carries no cookie
+    authority, so it needs neither.
+    """
+    if request.headers.get("authorization"):
+        return
+    site = request.headers.get("sec-fetch-site")
+    if request.headers.get(CSRF_HEADER) != "1" or site not in (None, "same-origin"):
+        raise HTTPException(403, f"Refused: a browser request to release Ray objects must come from the Ray tab "
+                                 f"itself (the {CSRF_HEADER} header; Sec-Fetch-Site {site or 'absent'}), not from "
+                                 f"another page")
+
+
 @app.post("/runs/{dag_id}/{run_id}/release",
-          dependencies=[Depends(requires_access_dag("PUT", DagAccessEntity.RUN))])
+          dependencies=[Depends(same_origin_only), Depends(requires_access_dag("PUT", DagAccessEntity.RUN))])
 def release_run(dag_id: str, run_id: str, session: SessionDep) -> dict[str, Any]:
     """Release the run's objects from Ray now; what has a checkpoint can still be restored from it."""
     from airflow.models.dagrun import DagRun

@@ -21,9 +21,11 @@ Enable with ``AIRFLOW__CORE__XCOM_BACKEND=airflow_ray_provider.xcom.RayXComBacke
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -75,6 +77,93 @@ def _read_as(read: Read) -> Iterator[None]:
         yield
     finally:
         _reading.reset(token)
+
+
+@dataclass(frozen=True)
+class SequencePlace:
+    """Where a value handed to ``deserialize_value`` alone sits in a read of a task's rows by map index.
+
+    Airflow reads a mapped task's whole output (``LazyXComSequence``, ``get_all``) as values without their
+    rows. ``read`` names the task whose rows these are (the map index left open); ``offset`` is the value's
+    position among them in map-index order, where known (rows are ordered by map index, so a genuine
+    reference at offset k has a map index of k or more); ``seen`` maps the map indexes already read through
+    the same sequence to their offsets, so a row copied over another of the same task is refused too.
+    """
+
+    read: Read | None
+    offset: int | None
+    seen: dict[int, int]
+
+
+# Map indexes read so far through one sequence object (a LazyXComSequence, a slice's reply), for the last few
+# such objects. Keyed by identity and holding the object, so an id is never reused while its entry lives:
+# LazyXComSequence hashes and compares by reading every item, so it cannot be a dictionary key itself.
+_SEQUENCES_KEPT = 32
+_seen_by_sequence: collections.OrderedDict[int, tuple[Any, dict[int, int]]] = collections.OrderedDict()
+
+
+def _seen(sequence: Any) -> dict[int, int]:
+    entry = _seen_by_sequence.get(id(sequence))
+    if entry is None or entry[0] is not sequence:
+        entry = _seen_by_sequence[id(sequence)] = (sequence, {})
+        while len(_seen_by_sequence) > _SEQUENCES_KEPT:
+            _seen_by_sequence.popitem(last=False)
+    _seen_by_sequence.move_to_end(id(sequence))
+    return entry[1]
+
+
+def sequence_place(value: Any) -> SequencePlace | None:
+    """Find, from the callers' frames, the sequence read ``value`` comes from (``None``: not from one).
+
+    Airflow's task SDK passes only the value (``lazy_sequence.LazyXComSequence.__getitem__``,
+    ``BaseXCom.get_all``: the same code in Airflow 3.2 and 3.3), so the reader is found where it is: the
+    frame holding the ``LazyXComSequence`` (``self``) and the offset (``key``), or the slice reply (``msg``)
+    the value is an item of. tests/integration/test_trust.py fails if a new Airflow moves them.
+    """
+    frame = sys._getframe(1)
+    for _ in range(6):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        local = frame.f_locals
+        sequence = local.get("self")
+        reply = local.get("msg")
+        items = getattr(reply, "root", None)
+        if type(sequence).__name__ == "LazyXComSequence":
+            xcom_arg = sequence._xcom_arg
+            read = Read(xcom_arg.operator.dag_id, xcom_arg.operator.task_id, sequence._ti.run_id, None, xcom_arg.key)
+        elif isinstance(items, list) and local.get("cls") is not None:  # BaseXCom.get_all
+            read, sequence = None, reply  # its row is named by RayXComBackend.get_all's _read_as
+        else:
+            continue
+        key = local.get("key")
+        if isinstance(key, int) and not isinstance(key, bool):  # one item, by offset
+            return SequencePlace(read, key if key >= 0 else None, _seen(sequence))
+        if isinstance(items, list):  # a slice: the value's place in the reply
+            index = next((i for i, item in enumerate(items) if item is value), None)
+            start, step = local.get("start"), local.get("step")
+            ascending = (start is None or start >= 0) and step in (None, 1)
+            offset = (start or 0) + index if index is not None and ascending else None
+            return SequencePlace(read, offset, _seen(reply))
+        return SequencePlace(read, None, _seen(sequence))
+    return None
+
+
+def check_place(ref: AnyReference, place: SequencePlace) -> None:
+    """Refuse a reference out of its place in a read of a task's rows by map index (see SequencePlace)."""
+    index = ref.origin.map_index
+    where = f"dag {ref.origin.dag_id!r}, task {ref.origin.task_id!r}, run {ref.origin.run_id!r}"
+    if place.offset is not None and index < place.offset:
+        raise RayXComReferenceError(
+            f"Ray XCom reference read as item {place.offset} of the mapped output of {where} was written for map "
+            f"index {index}: a reference copied from another row is refused. Nothing was fetched.")
+    if place.offset is None:
+        return
+    earlier = place.seen.setdefault(index, place.offset)
+    if earlier != place.offset:
+        raise RayXComReferenceError(
+            f"Ray XCom reference of map index {index} of {where} was read twice from one mapped output (items "
+            f"{earlier} and {place.offset}): a reference copied from another row is refused. Nothing was fetched.")
 
 
 def check_origin(ref: AnyReference, read: Read | None, row_key: str | None = None) -> None:
@@ -147,7 +236,16 @@ class RayXComBackend(BaseXCom):
             return BaseXCom.deserialize_value(result)
         ref = parse_reference(raw)
         row_key = getattr(result, "key", None)
-        check_origin(ref, _reading.get(), row_key if isinstance(row_key, str) else None)
+        read = _reading.get()
+        # A value without its row (Airflow's one-field wrappers): an item of a mapped task's whole output
+        # (LazyXComSequence, get_all). Across runs (include_prior_dates) map indexes repeat: no place to check.
+        place = None
+        if getattr(result, "_fields", None) == ("value",) and (read is None or read.run_id is not None):
+            place = sequence_place(raw)
+        check_origin(ref, read if read is not None else place.read if place is not None else None,
+                     row_key if isinstance(row_key, str) else None)
+        if place is not None:
+            check_place(ref, place)
         if consumer_is_ray_task():
             return ref  # the Ray worker resolves it; the bytes never come through this process
         return fetch(ref)

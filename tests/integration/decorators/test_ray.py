@@ -129,11 +129,14 @@ def test_unpicklable_callable_names_the_task_and_type(capfd: pytest.CaptureFixtu
     assert "_thread.lock" in log
 
 
-def test_unpicklable_return_value_names_the_task_and_type(capfd: pytest.CaptureFixture[str]) -> None:
+def test_an_unpicklable_or_generator_return_value_fails_naming_the_task(capfd: pytest.CaptureFixture[str]) -> None:
     dr = core_dags.bad_return_dag.test()
     log = _log(capfd)
-    assert ti_states(dr) == {("returns_lock", -1): "failed"}
+    assert ti_states(dr) == {("returns_lock", -1): "failed", ("returns_generator", -1): "failed"}
     assert "Task bad_return.returns_lock: its return value of type _thread.lock cannot be pickled" in log
+    assert "Ray task bad_return.returns_generator failed" in log
+    assert "The callable returned a generator, which cannot be a task result: Ray would keep only its first " \
+           "item" in log
 
 
 def test_unsatisfiable_resources_fail_fast(capfd: pytest.CaptureFixture[str]) -> None:

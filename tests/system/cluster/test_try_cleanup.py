@@ -307,7 +307,7 @@ def _search_worker(session_id: int) -> int | None:
 @pytest.mark.timeout(TUNE_RETRY_BOUND_S + 600)
 def test_tune_search_killed_mid_search_resumes_on_a_two_cpu_head(
         small_head: Head, s3_endpoint: str, airflow_db: Path, ray_connection: Callable[..., Any],
-        capfd: pytest.CaptureFixture[str]) -> None:
+        capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     """The Tune example's search worker is SIGKILLed after some trials finished; the Airflow retry resumes the
     same experiment from its checkpoint on S3 and finishes, on a 2-CPU head.
 
@@ -317,6 +317,7 @@ def test_tune_search_killed_mid_search_resumes_on_a_two_cpu_head(
     state on S3 and kills the search's Ray worker.
     """
     from airflow_ray_provider.cluster.checkpoint import safe_component
+    from tests.support.dag_runs import why
     from tests.support.examples import example_dag, import_example
     from tests.support.rows import pulled, task_states, tries
     from tests.support.s3server import BUCKET, s3_client
@@ -351,12 +352,12 @@ def test_tune_search_killed_mid_search_resumes_on_a_two_cpu_head(
         stop.set()
         killer.join(30)
     captured = capfd.readouterr()
-    output = captured.out + captured.err
-    assert killed and killed[0] >= 2, output[-8000:]
-    assert set(task_states(dr).values()) == {"success"}, output[-8000:]
-    assert tries(dr)["search"] == 2, output[-12000:]
+    output = captured.out + captured.err + caplog.text  # a log line can reach stderr late
+    assert killed and killed[0] >= 2, why(output)
+    assert set(task_states(dr).values()) == {"success"}, why(output)
+    assert tries(dr)["search"] == 2, why(output)  # try 2 resumed; why() shows what failed a try 2 that did not
     assert re.search(r"\[ray\] Released \d+ placement group\(s\) this try made \(the try ended failed\)", output), \
-        output[-8000:]
+        why(output)
     assert pulled(dr, "search", "trials") == 8
     resumed = re.search(r"Resuming the Tune experiment at (\S+): (\d+) finished trials kept", output)
     assert resumed, output[-8000:]

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from airflow_ray_provider.local_cluster import LocalRayCluster
 from airflow_ray_provider.xcom.reference import parse_reference
 from tests.dags import checkpoint_dags
-from tests.support.rows import pulled, stored, task_states
+from tests.support.dag_runs import run_on_embedded_head
+from tests.support.rows import stored
 from tests.support.s3server import BUCKET
 
 pytestmark = pytest.mark.timeout(600)
@@ -151,15 +151,9 @@ def test_cluster_restart_between_upstream_and_downstream(
     ray_connection({"conn_type": "ray", "extra": {"address": "local", "namespace": "ckpt-restart",
                                                    "checkpoint_path": f"s3://{BUCKET}/restart",
                                                    "checkpoint_conn_id": "ckpt_s3"}})
-    try:
-        dr = checkpoint_dags.ckpt_restart_dag.test(run_conf={"rows": 2000, "marker": str(marker)})
-        captured = capfd.readouterr()
-        output = captured.out + captured.err + caplog.text  # a log line can reach stderr late
-        assert set(task_states(dr).values()) == {"success"}, output[-6000:]
-        # Read while the (restarted) head still holds the results.
-        restart, plain_total, ray_total = (pulled(dr, t) for t in ("restart_ray", "plain_total", "ray_total"))
-    finally:
-        LocalRayCluster(airflow_home / "ray").stop()
+    dr, output, (restart, plain_total, ray_total) = run_on_embedded_head(
+        checkpoint_dags.ckpt_restart_dag, {"rows": 2000, "marker": str(marker)}, airflow_home, capfd, caplog,
+        pull=("restart_ray", "plain_total", "ray_total"))
     assert marker.read_text().splitlines() == ["produce"]  # the upstream body ran once, before the restart
     before, after = restart.split(" -> ")
     assert before != after  # a new head on a new port: nothing of the old object store survived

@@ -10,10 +10,14 @@ presses its button. Screenshots land in ``tests/output/task_ui/``.
 
 from __future__ import annotations
 
+import contextlib
+import html
+import http.server
 import json
 import re
 import secrets
 import sqlite3
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -237,6 +241,32 @@ def _call(method: str, url: str, token: str) -> tuple[int, Any]:
         return exc.code, exc.read().decode(errors="replace")
 
 
+@contextlib.contextmanager
+def page_of_another_port(document: str) -> Iterator[str]:
+    """Serve ``document`` from another port of this host: same site as the API server, another origin."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # the name http.server calls
+            body = document.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_the_ray_tab_shows_the_runs_objects_and_only_editors_release_them(links_run: LinksRun,
                                                                           tmp_path: Path) -> None:
     passwords = {"admin": secrets.token_urlsafe(12), "viewer": secrets.token_urlsafe(12)}
@@ -289,6 +319,17 @@ def test_the_ray_tab_shows_the_runs_objects_and_only_editors_release_them(links_
             try:
                 context = browser.new_context(viewport={"width": 1500, "height": 1000})
                 context.add_cookies([{"name": "_token", "value": admin, "url": api + "/"}])
+                # Cross-site request forgery: a page on another port of the host (the Ray dashboard, Jupyter)
+                # posts a form to the release endpoint; the admin's cookie goes with it, and it is refused.
+                form = (f'<form method="post" action="{html.escape(run)}/release"></form>'
+                        "<script>document.forms[0].submit()</script>")
+                with page_of_another_port(form) as attacker:
+                    forged = context.new_page()
+                    with forged.expect_response(lambda r: r.url.endswith("/release"), timeout=60_000) as posted:
+                        forged.goto(attacker)
+                    assert posted.value.status == 403, posted.value.text()
+                    assert "must come from the Ray tab itself" in posted.value.text()
+                    forged.close()
                 page = context.new_page()
                 page.goto(f"{api}/dags/ray_links/runs/{urllib.parse.quote(links_run.run_id)}")
                 page.get_by_role("link", name="Ray", exact=True).or_(

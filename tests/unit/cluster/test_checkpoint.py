@@ -7,6 +7,7 @@ imports them and gives them an S3 ``store``.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,21 @@ def test_a_partial_write_is_never_read(store: Store) -> None:
         ckpt.load_result()
     info = ckpt.write_result("first")
     fs.pipe_file(f"{folder}/fedcba9876543210-0.pkl", b"\x80\x05 half-written")  # a second write, cut off
+    assert ckpt.load_result(expected_sha256=info["sha256"]) == "first"
+
+
+def test_a_failed_write_leaves_no_files_and_the_last_result_intact(store: Store) -> None:
+    """A write that fails midway (here: an item that cannot be pickled, after 4 MB were written) removes its own
+    files, the partial one among them, so a full store is not left full; the committed result stays."""
+    ckpt = task_checkpoint(store)
+    info = ckpt.write_result("first")
+    fs, _ = store.filesystem()
+    folder = ckpt.result_uri.split("://", 1)[1].rsplit("/", 1)[0]
+    files_before = sorted(fs.ls(folder, detail=False))
+    for _ in range(2):  # a retry fails the same way and leaves nothing either
+        with pytest.raises(CheckpointError, match=r"Writing the checkpoint to .* failed: TypeError: cannot pickle"):
+            ckpt.write_result(["x" * 4_000_000, threading.Lock()])
+        assert sorted(fs.ls(folder, detail=False)) == files_before
     assert ckpt.load_result(expected_sha256=info["sha256"]) == "first"
 
 

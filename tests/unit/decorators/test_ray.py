@@ -18,3 +18,22 @@ def test_bad_options_are_rejected_when_the_dag_is_parsed() -> None:
             f()
 
         bad()
+
+
+@pytest.mark.parametrize("kind", ["generator", "async generator"])
+def test_a_generator_function_is_refused_when_the_dag_is_parsed(kind: str) -> None:
+    """Ray keeps one value of a generator: the rest of the items would be lost without a word."""
+    def numbers():
+        yield from (1, 2)
+
+    async def anumbers():
+        yield 1
+
+    with pytest.raises(TypeError, match=r"@task.ray 'numbers': .* is a generator function; .* Return the items "
+                                        r"as a list"):
+
+        @dag(dag_id="generator_task", schedule=None)
+        def generator_task():
+            task.ray(numbers if kind == "generator" else anumbers, task_id="numbers")()
+
+        generator_task()

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from airflow_ray_provider.triggers import RayRunTrigger, sign_run
 
 CONN = "ray_default"
@@ -29,3 +31,20 @@ def test_the_triggerer_side_does_not_import_ray() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_resume_event_is_bound_to_the_task_instance_that_deferred() -> None:
+    """A signed event of another task instance (copied into ``next_kwargs`` with a DB edit) is refused."""
+    from airflow_ray_provider.exceptions import SigningError
+    from airflow_ray_provider.operators.ray import check_event
+
+    key = "dag/run_1/produce/-1/1/ab12cd34"
+    event = {"status": "done", "state": "finished", "namespace": "ns", "shard": 0, "key": key,
+             "signature": sign_run(CONN, "ns", 0, key)}
+    assert check_event(event, CONN, "dag.produce", "dag/run_1/produce/-1/") == event
+    for other in ("dag/run_1/consume/-1/", "dag/run_2/produce/-1/", "dag/run_1/produce/0/", "other/run_1/produce/-1/"):
+        with pytest.raises(SigningError, match=r"event for Ray key 'dag/run_1/produce/-1/1/ab12cd34', which another "
+                                               r"task instance submitted"):
+            check_event(event, CONN, "x", other)
+    with pytest.raises(SigningError, match="that this deployment did not sign"):
+        check_event({**event, "key": "dag/run_1/produce/-1/2/ab12cd34"}, CONN, "dag.produce", "dag/run_1/produce/-1/")
