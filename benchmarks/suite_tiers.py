@@ -36,16 +36,20 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SAMPLE_S = 2.0
-# (kind, pattern on "name cmdline"), first match wins; Ray's agents are titled ray::DashboardAgent and so on.
+# (kind, pattern on "name cmdline"), first match wins. By name first: a Ray worker's command line names the
+# raylet's socket and the agents' ports, so command-line patterns alone put workers in the wrong rows.
 KINDS = [
-    ("ray gcs_server", r"gcs_server"), ("ray raylet", r"^raylet|/raylet "),
-    ("ray dashboard and agents", r"(?i)dashboard|agent|log_monitor|ray/autoscaler|monitor\.py"),
-    ("ray Client server", r"ray_client_server|ray\.util\.client\.server"),
-    ("ray workers (ray::)", r"^ray::|ray::|default_worker\.py"),
+    ("ray gcs_server", r"^gcs_server "), ("ray raylet", r"^raylet "),
+    ("ray daemons (dashboard, agents, log and autoscaler monitors)",
+     r"^ray::(DashboardAgent|RuntimeEnvAgent)|dashboard/dashboard\.py|dashboard/agent\.py|runtime_env/agent|"
+     r"log_monitor\.py|autoscaler/_private/monitor\.py"),
+    ("ray Client server", r"ray\.util\.client\.server|ray_client_server"),
+    ("ray start / stop (cli)", r"bin/ray (start|stop)"),
+    ("ray worker processes (tasks, actors, owners)", r"^ray::|default_worker\.py"),
     ("airflow task runners", r"airflow worker --|airflow task|supervis"),
     ("airflow scheduler", r"airflow scheduler"), ("airflow dag-processor", r"dag-processor|dag_processor"),
     ("airflow api-server", r"api-server|api_server|uvicorn|gunicorn"), ("airflow triggerer", r"triggerer"),
-    ("celery", r"celery"), ("ray start (cli)", r"bin/ray start"),
+    ("celery", r"celery"), ("airflow CLI (db migrate, dags test)", r"-m airflow|bin/airflow"),
     ("pytest", r"pytest"), ("chromium", r"chrom"), ("seaweedfs", r"weed"), ("postgres", r"postgres"),
     ("stress", r"stress-ng|_busy"), ("uv / pip", r"\buv\b|pip"), ("other python", r"python"),
 ]

@@ -1,7 +1,9 @@
 """The README's main job and the fault-tolerance example, which need processes or heads of their own.
 
-``make example`` runs ``scripts/run_example.py``: a fresh Airflow home, its own migration, the embedded head
-and ``airflow dags test`` in a process of its own, as on a new machine. The fault-tolerance example restarts
+``make example`` runs ``scripts/run_example.py``: a fresh Airflow home, the embedded head and ``airflow dags
+test`` in a process of its own, as on a new machine. Its SQLite DB is a copy of the session's migrated template
+(the script's ``airflow db migrate`` then finds nothing to do): a migration is Airflow's own code and costs
+40-77 s of CPU on this machine, paid once per session instead. The fault-tolerance example restarts
 its (embedded) head mid-run, so it runs on one of its own, in this process. The other examples run in
 tests/integration/test_example_dags.py; the Tune search killed mid-way in tests/system/cluster/test_try_cleanup.py.
 """
@@ -24,12 +26,14 @@ from airflow_ray_provider.local_cluster import LocalRayCluster, user_environ
 from tests.support import ROOT
 from tests.support.dag_runs import run_on_embedded_head
 from tests.support.examples import example_dag
+from tests.support.fixtures import sqlite_copy
 from tests.support.rows import tries
 
 
 @pytest.mark.timeout(1500)
-def test_main_job_runs_the_higgs_example(tmp_path: Path) -> None:
+def test_main_job_runs_the_higgs_example(tmp_path: Path, migrated_sqlite: Path) -> None:
     """``scripts/run_example.py`` (``make example``) in a fresh Airflow home, with small params."""
+    sqlite_copy(migrated_sqlite, tmp_path / "airflow.db")  # where the script's default SQLite DB is
     # As from a user's shell: without the RAY_AUTH_* this process set when it connected to its own heads.
     env = {**user_environ(), "AIRFLOW_HOME": str(tmp_path)}
     for name in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CORE__DAGS_FOLDER",  # the script's own

@@ -22,6 +22,7 @@ from airflow_ray_provider.cluster.checkpoint import TaskCheckpoint, TaskKey, par
 from airflow_ray_provider.config import secret_key
 from airflow_ray_provider.exceptions import CheckpointCorrupted, CheckpointError, RayXComReferenceError
 from airflow_ray_provider.storage import make_store
+from airflow_ray_provider.xcom.backend import SequencePlace, check_place
 from airflow_ray_provider.xcom.reference import Location, Origin, RayObject, RayObjectList, parse_reference, signed_json
 from tests.dags.trust_dags import Bomb
 from tests.support.rows import value_of
@@ -193,6 +194,36 @@ def test_distinct_ids_never_share_a_folder(a: str, b: str) -> None:
     _count("pairs of ids")
     if a != b:
         assert safe_component(a) != safe_component(b)
+
+
+def _read_whole(map_indexes: list[int]) -> None:
+    """Read a mapped output whose rows (in map-index order) hold references of ``map_indexes``, as Airflow does."""
+    seen: dict[int, int] = {}
+    for offset, index in enumerate(map_indexes):
+        ref = RayObject(key=f"d/r/t/{index}/1/ab", location=Location("c", "n", 0), type="int", size=1,
+                        summary="1", origin=Origin("d", "t", "r", index))
+        check_place(ref, SequencePlace(None, offset, seen))
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.sets(st.integers(0, 60), min_size=1, max_size=12), st.data())
+def test_a_mapped_output_read_whole_refuses_any_row_copied_over_another(indexes: set[int],
+                                                                         data: st.DataObject) -> None:
+    """Rows with map indexes ``indexes`` (gaps are skipped instances) read whole: genuine, they all read; with
+    one row's reference copied over another row's, the read is refused."""
+    _count("mapped outputs read whole, genuine and with a copied row")
+    rows = sorted(indexes)
+    _read_whole(rows)
+    if len(rows) < 2:
+        return
+    source, target = data.draw(st.lists(st.sampled_from(range(len(rows))), min_size=2, max_size=2, unique=True))
+    tampered = list(rows)
+    tampered[target] = rows[source]
+    try:
+        _read_whole(tampered)
+    except RayXComReferenceError:
+        return
+    raise AssertionError(f"accepted rows {tampered} (row {target} holds a copy of row {source})")
 
 
 def test_zz_report_how_many_inputs_were_tried() -> None:

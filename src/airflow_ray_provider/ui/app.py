@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,14 @@ from airflow_ray_provider.xcom.reference import RayObject, all_objects, is_refer
 
 # connect_timeout (30 s by default) plus the owner calls: the page says so rather than hanging.
 INSPECT_TIMEOUT_S = 120.0
+# Each inspection is a Python process importing Ray (about 95 MiB, seconds of CPU): at most this many at once
+# per API server process, and a listing just made is served again for a few seconds, so a burst of page loads
+# (eight tabs, a reload loop) runs one process instead of eight that all time out together.
+INSPECT_AT_ONCE = 2
+INSPECT_REUSE_S = 5.0
+_inspections = threading.BoundedSemaphore(INSPECT_AT_ONCE)
+_recent_lock = threading.Lock()
+_recent: dict[tuple[str, tuple[str, ...]], tuple[float, InspectReport]] = {}
 PAGE = Path(__file__).with_name("ray_run.html")
 
 app = FastAPI(title="Ray objects of a DAG run", description="Part of airflow-ray-provider.")
@@ -107,6 +117,36 @@ def _run_objects(session: Any, dag_id: str, run_id: str) -> tuple[list[tuple[Obj
 
 
 def _inspect(conn_id: str, objects: list[RayObject], release: bool) -> InspectReport:
+    """Ask the owners of ``objects`` (and release them) from a throwaway process, bounded as said above."""
+    wanted = (conn_id, tuple(sorted(o.key for o in objects)))
+
+    def reusable() -> InspectReport | None:
+        with _recent_lock:
+            at, report = _recent.get(wanted, (0.0, None))
+        return report if report is not None and not release and time.monotonic() - at < INSPECT_REUSE_S else None
+
+    if (report := reusable()) is not None:
+        return report
+    if not _inspections.acquire(timeout=INSPECT_TIMEOUT_S):
+        return InspectReport(error=f"the API server is busy asking Ray clusters ({INSPECT_AT_ONCE} at once, none "
+                                   f"finished within {INSPECT_TIMEOUT_S:g}s); try again later")
+    try:
+        if (report := reusable()) is not None:  # made while this request waited
+            return report
+        report = _run_inspection(conn_id, objects, release)
+    finally:
+        _inspections.release()
+    with _recent_lock:
+        for key in [k for k, (at, _) in _recent.items() if time.monotonic() - at >= INSPECT_REUSE_S]:
+            del _recent[key]
+        if release:
+            _recent.pop(wanted, None)  # what was listed before the release is no longer true
+        elif report.error is None:
+            _recent[wanted] = (time.monotonic(), report)
+    return report
+
+
+def _run_inspection(conn_id: str, objects: list[RayObject], release: bool) -> InspectReport:
     request = {"conn_id": conn_id, "release": release, "objects": [
         {"namespace": o.location.namespace, "owner": o.location.owner, "key": o.key} for o in objects]}
     try:
