@@ -98,8 +98,8 @@ smoke: versions
 # One tier after another, cheapest first; every tier runs even when an earlier one failed, so CI shows all
 # failures at once. Side by side (the system tier beside the integration tier, until 1c55f0c) took 49 min
 # against 58 (CI, run 6) but kept the load average at 8-18 on 2 cores, and Ray's fixed startup windows then failed heads
-# (benchmarks/results/suite_tiers.md, runs 2-5): the tiers are CPU-bound, so running them together mostly
-# shares the same two cores.
+# (benchmarks/results/suite_tiers.md, runs 2-5). The system tier is CPU-bound; the integration tier is not
+# (load average under 1 in run 6), so it is the one to run in lanes or beside the system tier next.
 test:
 	@rm -f $(TIMES); start=$$(date +%s); status=0; \
 	for target in lint test-unit test-integration smoke test-system; do \
