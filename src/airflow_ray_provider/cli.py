@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             state = cluster.status()
             if state is None:
                 recorded = cluster.read_state()
-                why = cluster.why_not_serving(recorded) if recorded is not None else None
-                print(f"not running: {why}" if why and not why.startswith("no process") else "not running")
+                why = cluster.why_left_broken(recorded) if recorded is not None else None
+                print(f"not running: {why}" if why else "not running")
                 return 3
     except LocalClusterError as exc:
         print(f"airflow-ray: {exc}", file=sys.stderr)

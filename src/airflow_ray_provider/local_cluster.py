@@ -497,9 +497,18 @@ class LocalRayCluster:
         would connect and then wait for one (about a minute) before blaming the connection.
         """
         procs, reason = self._verify(state)
-        if not procs:
-            return f"no process of it runs ({reason})"
-        alive = {(p.pid, p.name()) for p in procs if _is_running(p)}
+        return self._broken(state, procs) if procs else f"no process of it runs ({reason})"
+
+    def why_left_broken(self, state: LocalClusterState) -> str | None:
+        """Why a head of which processes still run does not serve (for ``airflow-ray local status``);
+        ``None`` if it serves or nothing of it runs."""
+        procs, _ = self._verify(state)
+        return self._broken(state, procs) if procs else None
+
+    def _broken(self, state: LocalClusterState, procs: list[psutil.Process]) -> str | None:
+        """What keeps the head of ``procs`` (its verified processes) from serving; ``None`` if nothing."""
+        marked = {mark.pid for mark in state.processes}
+        alive = {(p.pid, p.name()) for p in procs if p.pid in marked and _is_running(p)}
         dead = [mark for mark in state.processes if (mark.pid, mark.name) not in alive]
         if dead:
             return (f"its {', '.join(f'{m.name} (pid {m.pid})' for m in dead)} exited, so it has no node; a new "
@@ -521,7 +530,7 @@ class LocalRayCluster:
         if procs:
             # Ours, but not serving (its GCS or raylet died): cleared before a restart, saying why.
             log.warning("The embedded Ray head of %s does not serve: %s. Stopping what is left of it and "
-                        "starting a new one", self.home, self.why_not_serving(state))
+                        "starting a new one", self.home, self._broken(state, procs))
             self._kill(procs)
             return
         log.warning("Discarding stale state file %s (session %d): %s; no process was signalled",

@@ -137,28 +137,30 @@ def sequence_place(value: Any) -> SequencePlace | None:
         else:
             continue
         key = local.get("key")
+        offset: int | None = None
         if isinstance(key, int) and not isinstance(key, bool):  # one item, by offset
-            return SequencePlace(read, key if key >= 0 else None, _seen(sequence))
-        if isinstance(items, list):  # a slice: the value's place in the reply
+            offset = key if key >= 0 else None
+        elif isinstance(items, list):  # a slice: the value's place in the reply
+            sequence = reply
             index = next((i for i, item in enumerate(items) if item is value), None)
             start, step = local.get("start"), local.get("step")
-            ascending = (start is None or start >= 0) and step in (None, 1)
-            offset = (start or 0) + index if index is not None and ascending else None
-            return SequencePlace(read, offset, _seen(reply))
-        return SequencePlace(read, None, _seen(sequence))
+            if index is not None and (start is None or start >= 0) and step in (None, 1):
+                offset = (start or 0) + index
+        # Only a known offset is compared with what the same sequence read before.
+        return SequencePlace(read, offset, _seen(sequence) if offset is not None else {})
     return None
 
 
 def check_place(ref: AnyReference, place: SequencePlace) -> None:
     """Refuse a reference out of its place in a read of a task's rows by map index (see SequencePlace)."""
+    if place.offset is None:
+        return
     index = ref.origin.map_index
     where = f"dag {ref.origin.dag_id!r}, task {ref.origin.task_id!r}, run {ref.origin.run_id!r}"
-    if place.offset is not None and index < place.offset:
+    if index < place.offset:
         raise RayXComReferenceError(
             f"Ray XCom reference read as item {place.offset} of the mapped output of {where} was written for map "
             f"index {index}: a reference copied from another row is refused. Nothing was fetched.")
-    if place.offset is None:
-        return
     earlier = place.seen.setdefault(index, place.offset)
     if earlier != place.offset:
         raise RayXComReferenceError(
