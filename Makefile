@@ -25,9 +25,12 @@ NEWEST := py3.13-ray2.60-airflow3.3
 OLDEST_PYTHON ?= $(PYENV_VERSIONS)/3.10.13/bin/python
 NEWEST_PYTHON ?= $(PYENV_VERSIONS)/3.13.0/bin/python
 
-# Each tier prints pytest's 25 slowest tests and its wall time (README, "Testing"). The system tier runs in
-# lanes: its tests mostly wait on processes they started, and each lane has its own Ray head and S3 server.
+# Each tier prints pytest's 25 slowest tests and its wall time (README, "Testing"). The integration and system
+# tiers run in lanes (pytest-xdist workers), each with its own Airflow home, Ray head and S3 server. The
+# integration tier waits more than it computes (load average 0.5-1 in one lane, run 6): 2 lanes took it from
+# 1425 s to 742 s (benchmarks/results/suite_tiers.md); a file's tests stay in one lane (--dist loadfile).
 PYTEST = -m pytest -p no:cacheprovider -rfEs --durations=25
+INTEGRATION_LANES ?= 2
 SYSTEM_LANES ?= 2
 TIMES := .test-times
 timed = @start=$$(date +%s); $(2) || exit $$?; echo "$(1): $$(( $$(date +%s) - start )) s" | tee -a $(TIMES)
@@ -76,24 +79,31 @@ browser:
 test-unit: $(VENV)/.installed
 	$(call timed,unit tier,$(PY) $(PYTEST) tests/unit)
 
-# One Ray head, one S3 server, one migrated DB for the session; DAGs run in-process (budget: 12 minutes).
+# One Ray head, one S3 server, one migrated DB per lane; DAGs run in-process (budget: 12 minutes).
 test-integration: $(VENV)/.installed
-	$(call timed,integration tier,$(PY) $(PYTEST) tests/integration)
+	$(call timed,integration tier,$(PY) $(PYTEST) -n $(INTEGRATION_LANES) --dist loadfile tests/integration)
 
 # Own processes: the scheduler and triggerer, the API server and a browser, network namespaces, Celery,
 # heads killed or restarted, other versions (budget: 12 minutes in $(SYSTEM_LANES) lanes).
 test-system: $(VENV)/.installed stock-ray versions browser
 	$(call timed,system tier,$(PY) $(PYTEST) -n $(SYSTEM_LANES) --dist loadgroup tests/system)
 
-# The tests marked `smoke` on the oldest and newest supported combinations (budget: 3 minutes each).
+# The tests marked `smoke` on the oldest and newest supported combinations, the two side by side (each waits
+# more than it computes, as the integration tier does); each one's output is printed whole when it ends.
 smoke: versions
-	@for combo in $(OLDEST) $(NEWEST); do \
+	@start=$$(date +%s); status=0; pids=""; \
+	for combo in $(OLDEST) $(NEWEST); do \
 		if [ -x .venv-$$combo/bin/python ] && [ -e .venv-$$combo/.installed ]; then \
-			start=$$(date +%s); echo "== smoke: $$combo"; \
-			.venv-$$combo/bin/python $(PYTEST) -m smoke tests || exit 1; \
-			echo "smoke $$combo: $$(( $$(date +%s) - start )) s" | tee -a $(TIMES); \
+			( s=$$(date +%s); .venv-$$combo/bin/python $(PYTEST) -m smoke tests > .smoke-$$combo.log 2>&1; \
+			  rc=$$?; echo "smoke $$combo: $$(( $$(date +%s) - s )) s" >> .smoke-$$combo.log; exit $$rc ) & \
+			pids="$$pids $$!"; \
 		else echo "SKIPPED smoke $$combo: its virtualenv could not be built (see above)"; fi; \
-	done
+	done; \
+	for pid in $$pids; do wait $$pid || status=1; done; \
+	for combo in $(OLDEST) $(NEWEST); do \
+		[ -e .smoke-$$combo.log ] && { echo "== smoke: $$combo"; cat .smoke-$$combo.log; tail -1 .smoke-$$combo.log >> $(TIMES); rm -f .smoke-$$combo.log; }; \
+	done; \
+	echo "smoke (both): $$(( $$(date +%s) - start )) s" | tee -a $(TIMES); exit $$status
 
 # One tier after another, cheapest first; every tier runs even when an earlier one failed, so CI shows all
 # failures at once. Side by side (the system tier beside the integration tier, until 1c55f0c) took 49 min

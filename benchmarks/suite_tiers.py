@@ -66,6 +66,7 @@ class CpuSampler(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True, name="cpu-sampler")
         self.used: Counter[str] = Counter()
+        self.loads: list[float] = []  # the 1-minute load average at each sample
         self.stop = threading.Event()
         self._last: dict[tuple[int, float], tuple[str, float]] = {}
 
@@ -73,6 +74,7 @@ class CpuSampler(threading.Thread):
         self._sample(count=False)  # what ran before the suite started is not the suite's
         while not self.stop.wait(SAMPLE_S):
             self._sample(count=True)
+            self.loads.append(os.getloadavg()[0])
 
     def _sample(self, count: bool) -> None:
         seen: dict[tuple[int, float], tuple[str, float]] = {}
@@ -125,6 +127,15 @@ def slowest(report: Path, n: int = 25) -> list[tuple[str, float, float]]:
     return sorted(rows, key=lambda r: -r[1])[:n]
 
 
+def load_summary(loads: list[float]) -> dict[str, float]:
+    """The median, 90th percentile and maximum of the sampled load averages."""
+    if not loads:
+        return {}
+    ranked = sorted(loads)
+    return {"median": round(ranked[len(ranked) // 2], 1), "p90": round(ranked[int(len(ranked) * 0.9)], 1),
+            "max": round(ranked[-1], 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dest", type=Path, required=True, help="where to clone (must not exist)")
@@ -155,6 +166,7 @@ def main() -> int:
     result = {"commit": commit, "label": label, "status": status, "wall_s": round(wall),
               "tiers": times.splitlines(), "pytest": summary,
               "cpu_s_by_kind": {k: round(v) for k, v in sampler.used.most_common()},
+              "load_average": load_summary(sampler.loads),
               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / "suite_tiers.jsonl", "a") as out:
@@ -163,6 +175,8 @@ def main() -> int:
              f"`python benchmarks/suite_tiers.py --dest {args.dest}"
              + (f" --stress {args.stress}`" if args.stress else "`"),
              f"\n\n- `make test` exit status {status}, wall {wall:.0f} s ({wall / 60:.1f} min)",
+             "- 1-minute load average over the run: "
+             + ", ".join(f"{k} {v}" for k, v in result["load_average"].items()),
              *(f"- {line}" for line in times.splitlines()),
              *(f"- pytest: `{line.strip('= ')}`" for line in summary),
              "\nSlowest tests (wall s, machine busy CPU-s during the test; lanes overlap, so CPU is shared):\n",
