@@ -215,6 +215,18 @@ def unreachable():
     never()
 
 
+@dag(dag_id="runtime_env_slow", schedule=None, start_date=START, params={"index_url": ""})
+def runtime_env_slow():
+    """A pip runtime_env whose index (the test's) answers when the test lets it, and never has the package."""
+
+    @task.ray(runtime_env={"pip": {"packages": ["airflow-ray-no-such-package"],
+                                   "pip_install_options": ["--index-url", "{{ params.index_url }}"]}})
+    def never_installed() -> int:
+        return 1
+
+    never_installed()
+
+
 flow_both_ways_dag = flow_both_ways()
 mapping_outputs_dag = mapping_outputs()
 remote_failure_dag = remote_failure()
@@ -227,3 +239,4 @@ bad_return_dag = bad_return()
 no_gpu_dag = no_gpu()
 context_refused_dag = context_refused()
 unreachable_dag = unreachable()
+runtime_env_slow_dag = runtime_env_slow()

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,11 @@ _CHEAP_FETCH_BYTES = 100 * 1024
 # Up to 10 s for a large result's location: 2 s was not enough on a loaded 2-core machine (the two-host test's
 # 16 MiB array on the worker node was settled without its node). Only large, not yet located results wait.
 _LOCATE_RETRIES, _LOCATE_RETRY_S = 100, 0.1
+# runtime_env fields Ray installs on the node before the task can start (pip can take minutes, and Ray tries a
+# failed install 3 times before the task fails): while the task waits on them, the log says so at these ages.
+SETUP_FIELDS = ("pip", "uv", "conda", "container", "image_uri")
+SETUP_NOTICE_AT_S = (10.0, 30.0, 60.0, 120.0, 240.0, 480.0)
+SETUP_NOTICE_EVERY_S = 600.0  # after the last of SETUP_NOTICE_AT_S
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +113,33 @@ class TaskOwner:
             raise KeyError(f"Ray task key {key!r} is already in use")
         me = ray.get_runtime_context().current_actor
         ref = worker.run_callable.options(**options).remote(payload[0], key, me)
-        self._runs[key] = self._watching[key] = _Run(key=key, ref=ref, lease_s=lease_s, hold_s=hold_s)
+        run = self._runs[key] = self._watching[key] = _Run(key=key, ref=ref, lease_s=lease_s, hold_s=hold_s)
         self._start_background()
+        setup = installs(options.get("runtime_env"))
+        if setup:
+            asyncio.get_running_loop().create_task(self._report_setup(run, setup))
         return ref.hex()
+
+    async def _report_setup(self, run: _Run, setup: str) -> None:
+        """Until ``run``'s worker starts, say in its log that Ray is installing its runtime_env, and for how long.
+
+        Ray reports nothing to the submitter while it installs (a failed pip install is tried 3 times before the
+        task fails with pip's output), so without this a task log shows nothing for minutes.
+        """
+        started = time.monotonic()
+        name = f"runtime_env_setup-{ray.get_runtime_context().get_job_id()}.log"
+        try:
+            where = f"{name} in its Ray session's logs (here: {ray_compat.session_logs_dir()})"
+        except RayFeatureUnavailable:
+            where = f"{name} in its Ray session's logs"
+        for at in setup_notice_ages():
+            await asyncio.sleep(max(0.0, started + at - time.monotonic()))
+            if run.done.is_set() or "pid" in run.events:  # the worker has started (or the run ended)
+                return
+            await self.append_log(run.key, (
+                f"[airflow-ray] Ray is still preparing this task's runtime_env ({setup}) after {at:.0f} s; the "
+                f"task starts when it is ready, and fails with the installer's output if Ray gives up (after 3 "
+                f"tries). The install's output is on the node that runs the task, in {where}."))
 
     async def _watch_loop(self) -> None:
         """Notice finished runs without fetching their (possibly huge) results into this actor."""
@@ -445,6 +475,31 @@ class KeeperLauncher:
                 raise RuntimeError(f"the keeper exited with code {self._proc.returncode}: {tail}")
             time.sleep(0.2)
         raise TimeoutError(f"the keeper did not start within {timeout:.0f}s; see {self._log_path}")
+
+
+def installs(runtime_env: dict[str, Any] | None) -> str:
+    """What Ray must install for ``runtime_env`` before a task can start (``"pip: a, b"``), or ``""``."""
+    found = []
+    for name in SETUP_FIELDS:
+        spec = (runtime_env or {}).get(name)
+        if not spec:
+            continue
+        packages = spec.get("packages") if isinstance(spec, dict) else spec
+        if isinstance(packages, (list, tuple)):
+            shown = ", ".join(str(p) for p in packages[:5]) + (", ..." if len(packages) > 5 else "")
+            found.append(f"{name}: {shown}")
+        else:
+            found.append(name)
+    return "; ".join(found)
+
+
+def setup_notice_ages() -> Iterator[float]:
+    """The ages (seconds since submission) at which a waiting runtime_env is reported: then every 10 min."""
+    yield from SETUP_NOTICE_AT_S
+    at = SETUP_NOTICE_AT_S[-1]
+    while True:
+        at += SETUP_NOTICE_EVERY_S
+        yield at
 
 
 def _locate_now(runs: list[_Run]) -> bool:

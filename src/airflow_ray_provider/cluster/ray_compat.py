@@ -23,8 +23,10 @@ from airflow_ray_provider.exceptions import RayFeatureUnavailable
 SUPPORTED_RAY = ("2.58", "2.59", "2.60")
 
 # Ray's C++ core ends a driver whose GCS stays unreachable this long (default 60 s); read from the
-# environment when the core worker starts. An internal config, not a documented setting.
-GCS_RECONNECT_TIMEOUT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
+# environment when the core worker starts, unless the cluster's system config sets it (that wins: measured,
+# hooks/ray.py outage_limit_warning). An internal config, not a documented setting.
+GCS_RECONNECT_TIMEOUT_NAME = "gcs_rpc_server_reconnect_timeout_s"
+GCS_RECONNECT_TIMEOUT_ENV = f"RAY_{GCS_RECONNECT_TIMEOUT_NAME}"
 
 # Undocumented: with it, Ray stops rewriting 127.0.0.1 to the machine's address, so a head can stay
 # on loopback. Read once at import into ``ray_constants.ENABLE_RAY_CLUSTER``.
@@ -71,6 +73,16 @@ def joined_cluster() -> tuple[str | None, str | None]:
     except AttributeError as exc:
         raise unavailable("Node.gcs_address and Node.cluster_id", "to tell which cluster this process joined",
                           exc) from exc
+
+
+def cluster_system_config() -> dict[str, Any]:
+    """The system config the joined cluster's head was started with (``ray start --system-config``), read from
+    its GCS. Its entries win over a driver's own ``RAY_<name>`` environment variables."""
+    state = _attr("ray._private.state", "state", "to read the cluster's system config")
+    try:
+        return dict(state.get_system_config())
+    except AttributeError as exc:
+        raise unavailable("GlobalState.get_system_config", "to read the cluster's system config", exc) from exc
 
 
 def cluster_id_at(gcs_address: str, timeout_s: float) -> str:

@@ -152,9 +152,22 @@ class RayHook(BaseHook):
                 _disconnect(_connected.get("address"))
             _connect_bounded(target, settings)
             gcs_address, cluster_id = _joined_cluster()
+            if gcs_address is not None:  # a driver of its own (not Ray Client, whose driver is in the cluster)
+                self._warn_if_an_outage_ends_this_process(target)
             _connected.clear()
             _connected.update(wanted, gcs_address=gcs_address, cluster_id=cluster_id)
         return ray
+
+    def _warn_if_an_outage_ends_this_process(self, target: str) -> None:
+        try:
+            system_config = ray_compat.cluster_system_config()
+        except Exception as exc:  # noqa: BLE001 - a warning we cannot give must not fail the task
+            self.log.debug("Could not read the system config of the Ray cluster at %s: %s", target, exc)
+            return
+        warning = outage_limit_warning(system_config, target,
+                                       os.environ.get(_GCS_RECONNECT_ENV, _DRIVER_GCS_RECONNECT_TIMEOUT_S))
+        if warning:
+            self.log.warning(warning)
 
     def _identity_error(self, differs: list[str]) -> RayConnectionError:
         return RayConnectionError(
@@ -355,6 +368,27 @@ def _reload_ray_auth_config() -> None:
     connection; without a reload the token set above is never sent and the cluster refuses the driver.
     This is what Ray's own ``ray start`` does after enabling token auth (private API: ``ray_compat``)."""
     ray_compat.reload_auth_config()
+
+
+def outage_limit_warning(system_config: dict[str, Any], target: str, wanted_s: str) -> str | None:
+    """Why a head outage would end this process, if the cluster's own ``gcs_rpc_server_reconnect_timeout_s`` is
+    below the ``wanted_s`` this provider (or the user's environment) gives its drivers; else None.
+
+    Measured (Ray 2.60, ``ray start --head --system-config '{"gcs_rpc_server_reconnect_timeout_s": 5}'``): a
+    driver started with ``RAY_gcs_rpc_server_reconnect_timeout_s=600`` exited 5 s after the GCS was killed.
+    A value in the cluster's system config wins over the driver's environment; one in the head's environment
+    does not reach drivers at all.
+    """
+    value = system_config.get(ray_compat.GCS_RECONNECT_TIMEOUT_NAME)
+    try:
+        if value is None or float(value) >= float(wanted_s):
+            return None
+    except (TypeError, ValueError):
+        pass  # not a number: Ray would not have started with it; say what it is anyway
+    return (f"The Ray cluster at {target} sets {ray_compat.GCS_RECONNECT_TIMEOUT_NAME} = {value!r} in its system "
+            f"config, which overrides the {wanted_s} s this process asked for: if the cluster's head (its GCS) "
+            f"is unreachable for longer than that, Ray ends this Airflow process without a Python error, and "
+            f"Airflow sees the task as killed. Raise or remove it in the head's `ray start --system-config`.")
 
 
 def _connect_bounded(target: str, settings: RaySettings) -> None:

@@ -6,15 +6,20 @@ deployment without the Ray XCom backend takes (tests/integration/xcom covers the
 
 from __future__ import annotations
 
+import http.server
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+import ray
 
+from airflow_ray_provider.cluster.owner import get_owner
+from airflow_ray_provider.hooks.ray import RayHook
 from tests.dags import core_dags
 from tests.support import ROOT
 from tests.support.rows import ti_states, xcom_value
@@ -171,3 +176,52 @@ def test_unreachable_address_fails_fast_naming_it(connection, capfd: pytest.Capt
     assert ti_states(dr) == {("never", -1): "failed"}
     assert f"Cannot reach the Ray cluster at 127.0.0.1:{port}" in log
     assert elapsed < 30, f"took {elapsed:.0f}s"
+
+
+def test_a_slow_runtime_env_says_so_in_the_task_log_and_its_failure_names_the_installer_output(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """Ray installs a pip runtime_env before the task starts and reports nothing meanwhile (a failed install is
+    tried 3 times): the owner says in the task log that it waits, and on what; then the failure has pip's output.
+
+    The package index is the test's own: it holds its first answer until the notice is in the owner's log
+    (a condition, not a clock), then answers 404 to everything, so pip fails at once on each of Ray's tries.
+    """
+    settings = RayHook().settings
+    noticed = threading.Event()
+
+    def notice_logged() -> bool:
+        for shard in range(settings.owner_shards):
+            owner = get_owner(settings.namespace, shard)
+            for key in ray.get(owner.keys.remote(), timeout=60):
+                if key.startswith("runtime_env_slow/"):
+                    logs = ray.get(owner.poll.remote(key, 0, 0.0), timeout=60)["logs"]
+                    if any("Ray is still preparing this task's runtime_env" in line for line in logs):
+                        return True
+        return False
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            deadline = time.monotonic() + 120
+            while not noticed.is_set() and time.monotonic() < deadline:
+                if notice_logged():
+                    noticed.set()
+                else:
+                    time.sleep(0.5)
+            self.send_error(404)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dr = core_dags.runtime_env_slow_dag.test(
+            run_conf={"index_url": f"http://127.0.0.1:{server.server_address[1]}/simple/"})
+    finally:
+        server.shutdown()
+    log = _log(capfd)
+    assert ti_states(dr) == {("never_installed", -1): "failed"}, log[-6000:]
+    assert noticed.is_set(), log[-6000:]
+    notice = log.index("Ray is still preparing this task's runtime_env (pip: airflow-ray-no-such-package) after 10 s")
+    assert "runtime_env_setup-" in log[notice:notice + 600]  # where the install's output is on the node
+    assert "No matching distribution found for airflow-ray-no-such-package" in log[notice:], log[-6000:]

@@ -57,3 +57,16 @@ def test_a_second_connection_with_another_identity_is_refused(ray_cluster: str, 
     connection("ray_same", password=default_token, extra={"address": ray_cluster, "namespace": "tests"})
     assert RayHook("ray_same").get_conn() is ray
     assert ray.get(ray.remote(lambda: 6 * 7).remote()) == 42  # the connection still works after the refusals
+
+
+def test_the_joined_clusters_system_config_is_read_and_a_plain_head_warns_of_nothing(
+        ray_cluster: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The hook reads the cluster's system config when it connects (``outage_limit_warning``): on the session's
+    head, started by the provider without one, there is nothing to warn of."""
+    from airflow_ray_provider.cluster import ray_compat
+    from airflow_ray_provider.hooks.ray import RayHook
+
+    RayHook().get_conn()
+    config = ray_compat.cluster_system_config()
+    assert isinstance(config, dict) and ray_compat.GCS_RECONNECT_TIMEOUT_NAME not in config, config
+    assert "overrides the" not in caplog.text

@@ -1,0 +1,29 @@
+"""What the owner actor reports while Ray installs a task's runtime_env (the actor itself: tests/integration)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from airflow_ray_provider.cluster.owner import SETUP_NOTICE_AT_S, SETUP_NOTICE_EVERY_S, installs, setup_notice_ages
+
+
+@pytest.mark.parametrize(("runtime_env", "expected"), [
+    (None, ""),
+    ({"env_vars": {"A": "1"}, "py_modules": ["x"]}, ""),  # nothing Ray installs with a package manager
+    ({"pip": ["pandas==2.2", "pyarrow"]}, "pip: pandas==2.2, pyarrow"),
+    ({"pip": {"packages": ["a"], "pip_install_options": ["-q"]}}, "pip: a"),
+    ({"uv": [f"p{i}" for i in range(7)]}, "uv: p0, p1, p2, p3, p4, ..."),
+    ({"conda": "my-env", "pip": []}, "conda"),
+    ({"pip": "requirements.txt"}, "pip"),
+    ({"image_uri": "repo/image:tag"}, "image_uri"),
+])
+def test_installs_names_what_ray_sets_up_before_the_task_starts(runtime_env: dict | None, expected: str) -> None:
+    assert installs(runtime_env) == expected
+
+
+def test_notices_come_early_then_every_ten_minutes() -> None:
+    ages = list(itertools.islice(setup_notice_ages(), len(SETUP_NOTICE_AT_S) + 2))
+    assert ages[:len(SETUP_NOTICE_AT_S)] == list(SETUP_NOTICE_AT_S) and ages[0] <= 10
+    assert ages[-1] - ages[-2] == ages[-2] - SETUP_NOTICE_AT_S[-1] == SETUP_NOTICE_EVERY_S
