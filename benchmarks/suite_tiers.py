@@ -36,8 +36,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SAMPLE_S = 2.0
-# (kind, pattern on "name cmdline"), first match wins. By name first: a Ray worker's command line names the
-# raylet's socket and the agents' ports, so command-line patterns alone put workers in the wrong rows.
+# (kind, pattern on "name cmdline"), first match wins; "pytest" includes its xdist lanes (execnet's workers).
+# By name first: a Ray worker's command line names the raylet's socket and the agents' ports, so command-line
+# patterns alone put workers in the wrong rows.
 KINDS = [
     ("ray gcs_server", r"^gcs_server "), ("ray raylet", r"^raylet "),
     ("ray daemons (dashboard, agents, log and autoscaler monitors)",
@@ -50,9 +51,21 @@ KINDS = [
     ("airflow scheduler", r"airflow scheduler"), ("airflow dag-processor", r"dag-processor|dag_processor"),
     ("airflow api-server", r"api-server|api_server|uvicorn|gunicorn"), ("airflow triggerer", r"triggerer"),
     ("celery", r"celery"), ("airflow CLI (db migrate, dags test)", r"-m airflow|bin/airflow"),
-    ("pytest", r"pytest"), ("chromium", r"chrom"), ("seaweedfs", r"weed"), ("postgres", r"postgres"),
+    ("pytest", r"pytest|exec\(eval\(sys\.stdin\.readline"), ("chromium", r"chrom"), ("seaweedfs", r"weed"),
+    ("postgres", r"postgres"),
     ("stress", r"stress-ng|_busy"), ("uv / pip", r"\buv\b|pip"), ("other python", r"python"),
 ]
+
+
+# Which tier is running, from the pytest command lines the Makefile uses (tiers run one after another).
+TIERS = [("system", "tests/system"), ("integration", "tests/integration"), ("unit", "tests/unit"),
+         ("smoke", "-m smoke")]
+
+
+def tier_of(cmdline: str) -> str | None:
+    if "pytest" not in cmdline:
+        return None
+    return next((tier for tier, marker in TIERS if marker in cmdline), None)
 
 
 def kind(proc: psutil.Process) -> str:
@@ -66,6 +79,7 @@ class CpuSampler(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True, name="cpu-sampler")
         self.used: Counter[str] = Counter()
+        self.by_tier: dict[str, Counter[str]] = {}  # the same, split by the tier running at the sample
         self.loads: list[float] = []  # the 1-minute load average at each sample
         self.stop = threading.Event()
         self._last: dict[tuple[int, float], tuple[str, float]] = {}
@@ -78,17 +92,23 @@ class CpuSampler(threading.Thread):
 
     def _sample(self, count: bool) -> None:
         seen: dict[tuple[int, float], tuple[str, float]] = {}
+        tier = "between tiers"
         for proc in psutil.process_iter():
             try:
                 key = (proc.pid, proc.create_time())
                 times = proc.cpu_times()
                 total = times.user + times.system
                 what = self._last[key][0] if key in self._last else kind(proc)
+                tier = tier_of(" ".join(proc.cmdline())) or tier if what == "pytest" else tier
             except psutil.Error:
                 continue
-            if count:
-                self.used[what] += max(0.0, total - self._last.get(key, (what, 0.0))[1])
             seen[key] = (what, total)
+        if count:
+            used = self.by_tier.setdefault(tier, Counter())
+            for key, (what, total) in seen.items():
+                delta = max(0.0, total - self._last.get(key, (what, 0.0))[1])
+                self.used[what] += delta
+                used[what] += delta
         self._last = seen
 
 
@@ -167,6 +187,7 @@ def main() -> int:
               "tiers": times.splitlines(), "pytest": summary,
               "cpu_s_by_kind": {k: round(v) for k, v in sampler.used.most_common()},
               "load_average": load_summary(sampler.loads),
+              "cpu_s_by_tier": {t: {k: round(v) for k, v in c.most_common()} for t, c in sampler.by_tier.items()},
               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / "suite_tiers.jsonl", "a") as out:
@@ -186,7 +207,11 @@ def main() -> int:
              f"{sum(sampler.used.values()):.0f} in all against {2 * wall:.0f} core-seconds of wall:\n",
              "| kind | CPU-s | share |", "| --- | --- | --- |",
              *(f"| {k} | {v:.0f} | {v / max(1.0, sum(sampler.used.values())):.0%} |"
-               for k, v in sampler.used.most_common()), ""]
+               for k, v in sampler.used.most_common()),
+             "\nThe same by tier (CPU-s; the kinds that took 5% of the tier or more):\n",
+             *(f"- {t} ({sum(c.values()):.0f} CPU-s): " + ", ".join(
+                 f"{k} {v:.0f}" for k, v in c.most_common() if v >= 0.05 * sum(c.values()))
+               for t, c in sampler.by_tier.items()), ""]
     with open(RESULTS / "suite_tiers.md", "a") as out:
         out.write("\n".join(lines))
     print("\n".join(lines))

@@ -20,48 +20,6 @@ def _mark(path: str, text: str) -> None:
         f.write(text + "\n")
 
 
-@dag(dag_id="ckpt_restart", schedule=None, start_date=START, params={"rows": 1000, "marker": ""})
-def ckpt_restart():
-    """A checkpointed upstream, the whole Ray cluster restarted, then a plain and a Ray consumer."""
-
-    @task.ray(checkpoint=True, multiple_outputs=True)
-    def produce(params: dict) -> dict:
-        import numpy as np
-        import pandas as pd
-
-        _mark(params["marker"], "produce")
-        rows = params["rows"]
-        frame = pd.DataFrame({"x": np.arange(rows), "y": np.arange(rows) * 0.5, "tag": ["a", "b"] * (rows // 2)})
-        return {"frame": frame, "weights": np.linspace(0, 1, rows)}
-
-    @task
-    def restart_ray() -> str:
-        import ray
-
-        from airflow_ray_provider.local_cluster import LocalRayCluster
-
-        cluster = LocalRayCluster()
-        before = cluster.status().address
-        ray.shutdown()
-        cluster.stop()
-        after = cluster.ensure_running().address
-        return f"{before} -> {after}"
-
-    @task
-    def plain_total(frame: object) -> float:
-        return float(frame["y"].sum())
-
-    @task.ray
-    def ray_total(frame: object, weights: object) -> dict:
-        return {"y": float(frame["y"].sum()), "w": float(weights.sum()), "tags": sorted(set(frame["tag"]))}
-
-    out = produce()
-    restarted = restart_ray()
-    plain = plain_total(out["frame"])
-    ray_side = ray_total(out["frame"], out["weights"])
-    out["frame"] >> restarted >> plain >> ray_side
-
-
 @dag(dag_id="ckpt_reuse", schedule=None, start_date=START, params={"n": 5, "marker": ""})
 def ckpt_reuse():
     """Rerun in the same DAG run: restored, not recomputed, unless inputs change or conf forces it."""
@@ -164,5 +122,5 @@ def ckpt_mapped():
     total(square.partial(marker="{{ params.marker }}").expand(x=numbers("{{ params.marker }}")))
 
 
-for factory in (ckpt_restart, ckpt_reuse, ckpt_progress, ckpt_killed_writer, ckpt_store_down, ckpt_mapped):
+for factory in (ckpt_reuse, ckpt_progress, ckpt_killed_writer, ckpt_store_down, ckpt_mapped):
     globals()[f"{factory.__name__}_dag"] = factory()

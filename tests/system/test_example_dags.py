@@ -4,7 +4,10 @@
 test`` in a process of its own, as on a new machine. Its SQLite DB is a copy of the session's migrated template
 (the script's ``airflow db migrate`` then finds nothing to do): a migration is Airflow's own code and costs
 40-77 s of CPU on this machine, paid once per session instead. The fault-tolerance example restarts
-its (embedded) head mid-run, so it runs on one of its own, in this process. The other examples run in
+its (embedded) head mid-run, so it runs on one of its own, in this process, with its checkpoints on the
+session's S3 server (the one test of a whole cluster restarted between a checkpointed upstream and its
+consumers; a plain consumer reading a lost result from its checkpoint is in
+tests/integration/operators/test_checkpoint.py). The other examples run in
 tests/integration/test_example_dags.py; the Tune search killed mid-way in tests/system/cluster/test_try_cleanup.py.
 """
 
@@ -23,11 +26,13 @@ import psutil
 import pytest
 
 from airflow_ray_provider.local_cluster import LocalRayCluster, user_environ
+from airflow_ray_provider.xcom.reference import parse_reference
 from tests.support import ROOT
 from tests.support.dag_runs import run_on_embedded_head
 from tests.support.examples import example_dag
 from tests.support.fixtures import sqlite_copy
-from tests.support.rows import tries
+from tests.support.rows import stored, tries
+from tests.support.s3server import BUCKET
 
 
 @pytest.mark.timeout(1500)
@@ -82,11 +87,14 @@ def test_main_job_runs_the_higgs_example(tmp_path: Path, migrated_sqlite: Path) 
 
 @pytest.mark.timeout(900)
 def test_fault_tolerance_example_recovers_after_a_cluster_restart(
-        airflow_db: Path, airflow_home: Path, ray_connection: Callable[..., Any],
+        airflow_db: Path, airflow_home: Path, s3_endpoint: str, ray_connection: Callable[..., Any],
         capfd: pytest.CaptureFixture[str],
         caplog: pytest.LogCaptureFixture) -> None:
-    """Checkpointed upstream, the embedded head restarted, a downstream that fails once: data come back equal."""
-    ray_connection({"conn_type": "ray", "extra": {"address": "local", "namespace": "example-ft"}})
+    """Checkpointed upstream (on S3), the embedded head restarted on new ports, a downstream that fails once:
+    the data come back equal, restored from the checkpoint the reference names."""
+    ray_connection({"conn_type": "ray", "extra": {"address": "local", "namespace": "example-ft",
+                                                   "checkpoint_path": f"s3://{BUCKET}/restart",
+                                                   "checkpoint_conn_id": "ckpt_s3"}})
     dr, output, (restart, recovered, verified) = run_on_embedded_head(
         example_dag("example_ray_fault_tolerance"), {"rows": 50_000}, airflow_home, capfd, caplog,
         pull=("restart_ray", "transform", "verify"))
@@ -97,3 +105,7 @@ def test_fault_tolerance_example_recovers_after_a_cluster_restart(
     assert "restoring it from its checkpoint" in output  # the new cluster got the frame from the store
     assert recovered["rows"] == 50_000 and recovered["try"] == 2
     assert verified.startswith("recovered 50000 rows equal to the original on try 2")
+    ref = parse_reference(stored("example_ray_fault_tolerance", dr.run_id, "produce", key="frame"))
+    assert ref.checkpoint is not None, ref
+    assert ref.checkpoint["uri"].startswith(f"s3://{BUCKET}/restart/example_ray_fault_tolerance/"), ref.checkpoint
+    assert ref.checkpoint["part"] == 0 and len(ref.checkpoint["sha256"]) == 64

@@ -1,8 +1,8 @@
-"""A Ray cluster restarted under Airflow: the connected process survives it, and checkpointed results outlive it.
+"""A Ray cluster restarted behind the same address under a connected process: the process survives it.
 
-Each test restarts a head of its own: one behind the same address (a long-lived driver must not die of
-Ray's "WrongClusterID"), one embedded head restarted on new ports between a checkpointed upstream and its
-consumers (``address local``, as on one machine).
+The test restarts a head of its own (a long-lived driver must not die of Ray's "WrongClusterID"). An embedded
+head restarted on new ports between a checkpointed upstream and its consumers is the fault-tolerance example's
+test (tests/system/test_example_dags.py), which took over what this module's second test checked.
 """
 
 from __future__ import annotations
@@ -13,17 +13,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from airflow_ray_provider.xcom.reference import parse_reference
-from tests.dags import checkpoint_dags
-from tests.support.dag_runs import run_on_embedded_head
-from tests.support.rows import stored
-from tests.support.s3server import BUCKET
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -139,31 +132,3 @@ def test_a_cluster_restarted_behind_the_same_address_never_kills_the_process(
             code = driver.wait()
         cluster.stop()
     assert code == 0, f"driver exited with {code}: {''.join(output)[-3000:]}"
-
-
-@pytest.mark.timeout(900)
-def test_cluster_restart_between_upstream_and_downstream(
-        tmp_path: Path, airflow_home: Path, airflow_db: Path, s3_endpoint: str,
-        ray_connection: Callable[..., Any], capfd: pytest.CaptureFixture[str],
-        caplog: pytest.LogCaptureFixture) -> None:
-    """The whole Ray cluster restarts after the checkpointed upstream; both consumers get equal data."""
-    marker = tmp_path / "produce.log"
-    ray_connection({"conn_type": "ray", "extra": {"address": "local", "namespace": "ckpt-restart",
-                                                   "checkpoint_path": f"s3://{BUCKET}/restart",
-                                                   "checkpoint_conn_id": "ckpt_s3"}})
-    dr, output, (restart, plain_total, ray_total) = run_on_embedded_head(
-        checkpoint_dags.ckpt_restart_dag, {"rows": 2000, "marker": str(marker)}, airflow_home, capfd, caplog,
-        pull=("restart_ray", "plain_total", "ray_total"))
-    assert marker.read_text().splitlines() == ["produce"]  # the upstream body ran once, before the restart
-    before, after = restart.split(" -> ")
-    assert before != after  # a new head on a new port: nothing of the old object store survived
-    expected_y = sum(i * 0.5 for i in range(2000))
-    assert plain_total == pytest.approx(expected_y)
-    assert ray_total["y"] == pytest.approx(expected_y) and ray_total["tags"] == ["a", "b"]
-    assert ray_total["w"] == pytest.approx(1000.0)
-    # The plain consumer read the checkpoint directly; the Ray consumer put it back into the object store.
-    assert "reading it from its checkpoint" in output, output[-6000:]
-    assert "restoring it from its checkpoint" in output, output[-6000:]
-    ref = parse_reference(stored("ckpt_restart", dr.run_id, "produce", key="frame"))
-    assert ref.checkpoint is not None and ref.checkpoint["uri"].startswith(f"s3://{BUCKET}/restart/ckpt_restart/")
-    assert ref.checkpoint["part"] == 0 and len(ref.checkpoint["sha256"]) == 64
