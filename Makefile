@@ -28,9 +28,10 @@ NEWEST_PYTHON ?= $(PYENV_VERSIONS)/3.13.0/bin/python
 # Each tier prints pytest's 25 slowest tests and its wall time (README, "Testing"). The integration and system
 # tiers run in lanes (pytest-xdist workers), each with its own Airflow home, Ray head and S3 server. The
 # integration tier waits more than it computes (load average 0.5-1 in one lane, run 6): 2 lanes took it from
-# 1425 s to 742 s (benchmarks/results/suite_tiers.md); a file's tests stay in one lane (--dist loadfile).
+# 1425 s to 742 s, 3 lanes (with smoke beside them) to 660 s (benchmarks/results/suite_tiers.md); a file's
+# tests stay in one lane (--dist loadfile).
 PYTEST = -m pytest -p no:cacheprovider -rfEs --durations=25
-INTEGRATION_LANES ?= 2
+INTEGRATION_LANES ?= 3
 SYSTEM_LANES ?= 2
 TIMES := .test-times
 timed = @start=$$(date +%s); $(2) || exit $$?; echo "$(1): $$(( $$(date +%s) - start )) s" | tee -a $(TIMES)
@@ -105,16 +106,18 @@ smoke: versions
 	done; \
 	echo "smoke (both): $$(( $$(date +%s) - start )) s" | tee -a $(TIMES); exit $$status
 
-# One tier after another, cheapest first; every tier runs even when an earlier one failed, so CI shows all
-# failures at once. Side by side (the system tier beside the integration tier, until 1c55f0c) took 49 min
-# against 58 (CI, run 6) but kept the load average at 8-18 on 2 cores, and Ray's fixed startup windows then failed heads
-# (benchmarks/results/suite_tiers.md, runs 2-5). The system tier is CPU-bound; the integration tier is not
-# (load average under 1 in run 6), so it is the one to run in lanes or beside the system tier next.
+# Cheapest first: lint, unit, then the integration tier with the smoke runs beside it (both wait more than they
+# compute: 660 s together against 764 + 136 one after the other, benchmarks/results/suite_tiers.md), then the
+# system tier alone (CPU-bound: 79% of 2 cores in run 8; beside the others, until 1c55f0c, it kept the load
+# average at 8-18 and Ray's fixed startup windows failed heads). Every tier runs even when an earlier one failed,
+# so CI shows all failures at once. Smoke's output is printed whole after the integration tier's.
 test:
-	@rm -f $(TIMES); start=$$(date +%s); status=0; \
-	for target in lint test-unit test-integration smoke test-system; do \
-		$(MAKE) --no-print-directory $$target || status=1; \
-	done; \
+	@rm -f $(TIMES) .smoke.log; start=$$(date +%s); status=0; \
+	for target in lint test-unit versions; do $(MAKE) --no-print-directory $$target || status=1; done; \
+	$(MAKE) --no-print-directory smoke > .smoke.log 2>&1 & smoke=$$!; \
+	$(MAKE) --no-print-directory test-integration || status=1; \
+	wait $$smoke || status=1; cat .smoke.log; rm -f .smoke.log; \
+	$(MAKE) --no-print-directory test-system || status=1; \
 	echo "== wall times (make test, budget 30 minutes)"; cat $(TIMES); \
 	echo "make test: $$(( $$(date +%s) - start )) s"; exit $$status
 

@@ -72,10 +72,10 @@ def set_row(run_id: str, task_id: str, value: str, map_index: int = -1, dag_id: 
                    "AND key='return_value'", (value, dag_id, run_id, task_id, map_index))
 
 
-def mapped_row(run_id: str, task_id: str, map_index: int = -1) -> str:
+def mapped_row(run_id: str, task_id: str, map_index: int = -1, dag_id: str = "xcom_trust_mapped") -> str:
     with _db() as db:
-        (value,) = db.execute("SELECT value FROM xcom WHERE dag_id='xcom_trust_mapped' AND run_id=? AND task_id=? "
-                              "AND map_index=? AND key='return_value'", (run_id, task_id, map_index)).fetchone()
+        (value,) = db.execute("SELECT value FROM xcom WHERE dag_id=? AND run_id=? AND task_id=? AND map_index=? "
+                              "AND key='return_value'", (dag_id, run_id, task_id, map_index)).fetchone()
     return value if isinstance(value, str) else json.dumps(value)
 
 
@@ -129,10 +129,25 @@ def xcom_trust():
 xcom_trust_dag = xcom_trust()
 
 
-@dag(dag_id="xcom_trust_mapped", schedule=None, start_date=START)
+@dag(dag_id="xcom_trust_donor", schedule=None, start_date=START)
+def xcom_trust_donor():
+    """Another DAG, whose value ``xcom_trust_mapped`` copies into one of its own mapped rows."""
+
+    @task.ray
+    def donor() -> str:
+        return "DONOR VALUE (dag xcom_trust_donor)"
+
+    donor()
+
+
+xcom_trust_donor_dag = xcom_trust_donor()
+
+
+@dag(dag_id="xcom_trust_mapped", schedule=None, start_date=START, params={"donor_run_id": ""})
 def xcom_trust_mapped():
     """A mapped task's whole output, read as Airflow reads it (LazyXComSequence, get_all), after ``tamper``
-    copied rows: one over another map index of the same task (both ways), another task's over map index 2."""
+    copied rows: one over another map index of the same task (both ways), another task's over map index 2, and
+    another DAG's (``xcom_trust_donor``, the run named by ``params.donor_run_id``) over map index 1."""
 
     @task.ray
     def secret() -> str:
@@ -143,13 +158,15 @@ def xcom_trust_mapped():
         return f"value of map index {i}"
 
     @task
-    def tamper(run_id: str | None = None) -> None:
+    def tamper(params: dict, run_id: str | None = None) -> None:
         def copy(source: tuple[str, int], target: tuple[str, int]) -> None:
             set_row(run_id, target[0], mapped_row(run_id, *source), target[1], dag_id="xcom_trust_mapped")
 
         copy(("copied_down", 0), ("copied_down", 1))  # map index 0 read again as item 1
         copy(("copied_up", 2), ("copied_up", 0))  # map index 2 read as item 0, and again as item 2
         copy(("secret", -1), ("foreign", 2))  # another task's value in map index 2
+        donated = mapped_row(params["donor_run_id"], "donor", dag_id="xcom_trust_donor")
+        set_row(run_id, "other_dag", donated, 1, dag_id="xcom_trust_mapped")  # another DAG's value in index 1
 
     @task
     def whole(values: object) -> list:  # a plain reducer: LazyXComSequence, fetched values
@@ -164,7 +181,7 @@ def xcom_trust_mapped():
         return list(ti.xcom_pull(task_ids=source))
 
     outputs = {name: item.override(task_id=name).expand(i=[0, 1, 2])
-               for name in ("untouched", "copied_down", "copied_up", "foreign")}
+               for name in ("untouched", "copied_down", "copied_up", "foreign", "other_dag")}
     done = tamper()
     list(outputs.values()) >> done
     secret() >> done
@@ -177,6 +194,8 @@ def xcom_trust_mapped():
         pull_all.override(task_id="pull_all_copied_up")("copied_up"),
         whole.override(task_id="whole_foreign")(outputs["foreign"]),
         whole_in_ray.override(task_id="whole_in_ray_foreign")(outputs["foreign"]),
+        whole.override(task_id="whole_other_dag")(outputs["other_dag"]),
+        whole_in_ray.override(task_id="whole_in_ray_other_dag")(outputs["other_dag"]),
     ]
     for reader in readers:
         done >> reader

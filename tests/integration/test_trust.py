@@ -61,7 +61,11 @@ def test_a_mapped_output_read_whole_refuses_copied_rows(capfd: pytest.CaptureFix
     Airflow hands the backend these values without their rows (LazyXComSequence, get_all); an untouched
     output still reads whole, in a plain task, in a ``@task.ray`` and through ``ti.xcom_pull``.
     """
-    dr = trust_dags.xcom_trust_mapped_dag.test()
+    donor = trust_dags.xcom_trust_donor_dag.test()
+    assert task_states(donor) == {"donor": "success"}
+    _log(capfd)  # the donor's own output names its value: only the mapped run's output is looked at
+    caplog.clear()
+    dr = trust_dags.xcom_trust_mapped_dag.test(run_conf={"donor_run_id": donor.run_id})
     output = _log(capfd) + caplog.text  # the tasks' log records
     states = task_states(dr)
     assert states["tamper"] == "success", why(output)
@@ -69,7 +73,7 @@ def test_a_mapped_output_read_whole_refuses_copied_rows(capfd: pytest.CaptureFix
     for reader in ("whole_untouched", "whole_in_ray_untouched", "pull_all_untouched"):
         assert states[reader] == "success" and pulled(dr, reader) == expected, (reader, why(output))
     refused = ("whole_copied_down", "whole_in_ray_copied_up", "pull_all_copied_up", "whole_foreign",
-               "whole_in_ray_foreign")
+               "whole_in_ray_foreign", "whole_other_dag", "whole_in_ray_other_dag")
     assert {reader: states[reader] for reader in refused} == dict.fromkeys(refused, "failed"), why(output)
     # Map index 0 read as item 1; map index 2 read as item 0 and again as item 2; another task's row.
     assert re.search(r"read as item 1 of the mapped output of dag 'xcom_trust_mapped', task 'copied_down'.* was "
@@ -78,6 +82,9 @@ def test_a_mapped_output_read_whole_refuses_copied_rows(capfd: pytest.CaptureFix
                      r"one mapped output \(items 0 and 2\)", output), why(output)
     assert re.search(r"read from the row with task_id='foreign' was written for task_id='secret'", output), \
         why(output)
+    assert re.search(r"read from the row with dag_id='xcom_trust_mapped'.* was written for dag_id='xcom_trust_donor'",
+                     output), why(output)
+    assert "DONOR VALUE" not in output, why(output)  # refused before anything read the donor's value
 
 
 def test_a_planted_checkpoint_is_not_reused_on_rerun(tmp_path: Path, ray_connection: Callable[..., object],
