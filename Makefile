@@ -109,8 +109,10 @@ smoke: versions
 # Cheapest first: lint, unit, then the integration tier with the smoke runs beside it (both wait more than they
 # compute: 660 s together against 764 + 136 one after the other, benchmarks/results/suite_tiers.md), then the
 # system tier alone (CPU-bound: 79% of 2 cores in run 8; beside the others, until 1c55f0c, it kept the load
-# average at 8-18 and Ray's fixed startup windows failed heads). Every tier runs even when an earlier one failed,
-# so CI shows all failures at once. Smoke's output is printed whole after the integration tier's.
+# average at 8-18 and Ray's fixed startup windows failed heads). Five sessions start at once here: run 9 failed
+# when two were handed the same free port, which free_ports now keeps from other processes (PORT_HOLD_S). Every
+# tier runs even when an earlier one failed, so CI shows all failures at once; smoke's output comes after the
+# integration tier's.
 test:
 	@rm -f $(TIMES) .smoke.log; start=$$(date +%s); status=0; \
 	for target in lint test-unit versions; do $(MAKE) --no-print-directory $$target || status=1; done; \

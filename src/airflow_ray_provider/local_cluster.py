@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from airflow_ray_provider.cluster import ray_compat
 from airflow_ray_provider.cluster.ray_compat import LOOPBACK_ONLY_ENV
@@ -111,23 +111,85 @@ class LocalClusterState:
 
 # Never handed out, even if the OS offers them: Redis's and the Airflow API server's usual ports.
 RESERVED_PORTS = frozenset({6379, 8080})
+# A port free_ports returned is not returned again, by any process of this user, for PORT_HOLD_S seconds: between
+# free_ports returning it and the process it is for binding it, the OS offers the port to the next bind(0) again.
+# Two sessions starting at once were given the same one (a head's runtime-env agent and an S3 server, whose
+# answers then reached the raylet: suite run 9, benchmarks/results/suite_tiers.md). Kept in a file of the user's
+# cache folder, under a lock; where that cannot be used, ports are handed out as the OS offers them.
+PORT_HOLD_S = 600.0
+_PORTS_KEPT = 4096  # the newest entries of the file; enough for hundreds of heads started within PORT_HOLD_S
+_PORT_ATTEMPTS = 20_000
+
+
+def handed_out_ports_file() -> Path:
+    """The file that lists the ports free_ports handed out recently (``$XDG_CACHE_HOME`` or ``~/.cache``)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "airflow-ray-provider" / "handed-out-ports"
+
+
+def _read_handed_out(path: Path, now: float) -> dict[int, float]:
+    """``{port: when}`` of the entries younger than PORT_HOLD_S; a line that is not ``<port> <time>`` is skipped."""
+    found: dict[int, float] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                port_text, when_text = line.split()
+                port, when = int(port_text), float(when_text)
+                if now - PORT_HOLD_S < when <= now + 60:
+                    found[port] = when
+    return found
+
+
+def _write_handed_out(path: Path, entries: dict[int, float]) -> None:
+    newest = sorted(entries.items(), key=lambda item: item[1])[-_PORTS_KEPT:]
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("".join(f"{port} {when:.3f}\n" for port, when in newest))
+    os.replace(partial, path)
 
 
 def free_ports(count: int) -> list[int]:
-    """Reserve ``count`` distinct free TCP ports on loopback (released on return), none of RESERVED_PORTS."""
-    sockets: list[socket.socket] = []
-    ports: list[int] = []
+    """``count`` distinct free TCP ports on loopback (released on return): none of RESERVED_PORTS, and none that
+    free_ports handed out in the last PORT_HOLD_S seconds (see PORT_HOLD_S)."""
+    registry = handed_out_ports_file()
+    lock: FileLock | None = None
     try:
-        while len(ports) < count:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)  # a reserved port stays held too, so it is not offered again
-            if sock.getsockname()[1] not in RESERVED_PORTS:
-                ports.append(sock.getsockname()[1])
+        registry.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = FileLock(f"{registry}.lock", timeout=30)
+        lock.acquire()
+    except (OSError, Timeout) as exc:
+        log.debug("Handing out ports without the record of recent ones (%s: %s)", registry, exc)
+        lock = None
+    try:
+        now = time.time()
+        recent = _read_handed_out(registry, now) if lock is not None else {}
+        sockets: list[socket.socket] = []
+        ports: list[int] = []
+        try:
+            for _ in range(_PORT_ATTEMPTS):
+                if len(ports) == count:
+                    break
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.bind(("127.0.0.1", 0))
+                sockets.append(sock)  # a port passed over stays held too, so it is not offered again
+                port = sock.getsockname()[1]
+                if port not in RESERVED_PORTS and port not in recent:
+                    ports.append(port)
+            else:
+                raise LocalClusterError(f"Found {len(ports)} of {count} free loopback ports in {_PORT_ATTEMPTS} tries")
+        finally:
+            for sock in sockets:
+                sock.close()
+        if lock is not None:
+            try:
+                _write_handed_out(registry, {**recent, **dict.fromkeys(ports, now)})
+            except OSError as exc:
+                log.debug("Could not record the ports handed out in %s: %s", registry, exc)
         return ports
     finally:
-        for sock in sockets:
-            sock.close()
+        if lock is not None:
+            lock.release()
 
 
 # RAY_AUTH_* values RayHook put into this process's environment for Ray's token loader. They are the

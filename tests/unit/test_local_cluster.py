@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -167,3 +168,36 @@ def test_a_start_that_fails_otherwise_gives_up_after_its_attempts(tmp_path: Path
     with pytest.raises(LocalClusterError, match=r"attempt 3,.*the last error: ValueError: --num-cpus"):
         cluster.ensure_running()
     assert len((tmp_path / "calls").read_text().split()) == local_cluster.START_ATTEMPTS
+
+
+def test_a_port_handed_out_is_not_handed_out_again_by_any_process(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between ``free_ports`` returning a port and its user binding it, the OS offers it to the next bind(0):
+    two sessions starting at once were given the same port (suite run 9). A port handed out is kept from every
+    process of the user for PORT_HOLD_S."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = local_cluster.free_ports(40)
+    second = local_cluster.free_ports(40)
+    code = "from airflow_ray_provider.local_cluster import free_ports; print(' '.join(map(str, free_ports(40))))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)}, check=True)
+    third = [int(p) for p in other.stdout.split()]
+    assert len(set(first + second + third)) == 120
+    record = local_cluster.handed_out_ports_file()
+    assert record.parent == tmp_path / "airflow-ray-provider" and file_mode(record) == 0o600
+    assert {int(line.split()[0]) for line in record.read_text().splitlines()} == set(first + second + third)
+
+
+def test_the_record_of_ports_drops_old_and_garbled_entries_and_is_never_required(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    record = local_cluster.handed_out_ports_file()
+    record.parent.mkdir(parents=True)
+    old = local_cluster.free_ports(1)[0]
+    record.write_text(f"{old} {time.time() - local_cluster.PORT_HOLD_S - 1}\nnot a line\n70000\n")
+    local_cluster.free_ports(3)
+    lines = record.read_text().splitlines()
+    assert len(lines) == 3 and str(old) not in [line.split()[0] for line in lines]  # the old entry is gone
+    # No usable cache folder (a file stands where it should be): ports are still handed out.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(record))
+    assert len(set(local_cluster.free_ports(5))) == 5
