@@ -96,6 +96,14 @@ class TaskOwner:
         # (an owner may hold tens of thousands of finished ones).
         self._watching: dict[str, _Run] = {}
         self._background: list[asyncio.Task[None]] = []
+        # One-off tasks (settling a run, reporting its runtime_env install): the loop keeps only a weak reference
+        # to a task, so one nobody holds can be collected before it ends.
+        self._spawned: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
 
     def _start_background(self) -> None:
         if not self._background:
@@ -117,7 +125,7 @@ class TaskOwner:
         self._start_background()
         setup = installs(options.get("runtime_env"))
         if setup:
-            asyncio.get_running_loop().create_task(self._report_setup(run, setup))
+            self._spawn(self._report_setup(run, setup))
         return ref.hex()
 
     async def _report_setup(self, run: _Run, setup: str) -> None:
@@ -134,8 +142,8 @@ class TaskOwner:
             where = f"{name} in its Ray session's logs"
         for at in setup_notice_ages():
             await asyncio.sleep(max(0.0, started + at - time.monotonic()))
-            if run.done.is_set() or "pid" in run.events:  # the worker has started (or the run ended)
-                return
+            if run.done.is_set() or "pid" in run.events or self._runs.get(run.key) is not run:
+                return  # the worker has started, the run ended, or it was released
             await self.append_log(run.key, (
                 f"[airflow-ray] Ray is still preparing this task's runtime_env ({setup}) after {at:.0f} s; the "
                 f"task starts when it is ready, and fails with the installer's output if Ray gives up (after 3 "
@@ -162,7 +170,7 @@ class TaskOwner:
             if run.ref in ready_set:
                 run.settling = True
                 self._watching.pop(run.key, None)
-                asyncio.get_running_loop().create_task(self._settle(run))
+                self._spawn(self._settle(run))
 
     async def _settle(self, run: _Run) -> None:
         """Decide success or failure; only small (inlined) results are ever fetched here."""
