@@ -29,10 +29,11 @@ NEWEST_PYTHON ?= $(PYENV_VERSIONS)/3.13.0/bin/python
 # tiers run in lanes (pytest-xdist workers), each with its own Airflow home, Ray head and S3 server. The
 # integration tier waits more than it computes (load average 0.5-1 in one lane, run 6): 2 lanes took it from
 # 1425 s to 742 s, 3 lanes (with smoke beside them) to 660 s (benchmarks/results/suite_tiers.md); a file's
-# tests stay in one lane (--dist loadfile).
+# tests stay in one lane (--dist loadfile), the slowest files handed out first (tests/support/lanes.py).
 PYTEST = -m pytest -p no:cacheprovider -rfEs --durations=25
 INTEGRATION_LANES ?= 3
-SYSTEM_LANES ?= 2
+# The system tier is CPU-bound (79% of both cores in 2 lanes, run 8); a third lane takes up the rest (run 11).
+SYSTEM_LANES ?= 3
 TIMES := .test-times
 timed = @start=$$(date +%s); $(2) || exit $$?; echo "$(1): $$(( $$(date +%s) - start )) s" | tee -a $(TIMES)
 
@@ -82,12 +83,15 @@ test-unit: $(VENV)/.installed
 
 # One Ray head, one S3 server, one migrated DB per lane; DAGs run in-process (budget: 12 minutes).
 test-integration: $(VENV)/.installed
-	$(call timed,integration tier,$(PY) $(PYTEST) -n $(INTEGRATION_LANES) --dist loadfile tests/integration)
+	$(call timed,integration tier,$(PY) $(PYTEST) -n $(INTEGRATION_LANES) --dist loadfile --no-loadscope-reorder tests/integration)
 
 # Own processes: the scheduler and triggerer, the API server and a browser, network namespaces, Celery,
-# heads killed or restarted, other versions (budget: 12 minutes in $(SYSTEM_LANES) lanes).
+# heads killed or restarted, other versions (budget: 17 minutes in $(SYSTEM_LANES) lanes). A module's tests stay
+# in one lane (--dist loadfile), so its module-scoped fixtures start once. Not --dist loadgroup: with pytest 9.2
+# and pytest-xdist 3.8 it silently stops grouping (pytest-dev/pytest-xdist#1386), which until this change
+# started the UI tests' API server and DAG runs, and two heads, once in each lane.
 test-system: $(VENV)/.installed stock-ray versions browser
-	$(call timed,system tier,$(PY) $(PYTEST) -n $(SYSTEM_LANES) --dist loadgroup tests/system)
+	$(call timed,system tier,$(PY) $(PYTEST) -n $(SYSTEM_LANES) --dist loadfile --no-loadscope-reorder tests/system)
 
 # The tests marked `smoke` on the oldest and newest supported combinations, the two side by side (each waits
 # more than it computes, as the integration tier does); each one's output is printed whole when it ends.

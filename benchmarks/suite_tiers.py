@@ -142,9 +142,35 @@ def stop_load(procs: list) -> None:
 def slowest(report: Path, n: int = 25) -> list[tuple[str, float, float]]:
     rows = []
     for line in report.read_text().splitlines() if report.exists() else []:
-        nodeid, wall, cpu = line.rsplit("\t", 2)
+        nodeid, wall, cpu = line.split("\t")[:3]
         rows.append((nodeid, float(wall), float(cpu)))
     return sorted(rows, key=lambda r: -r[1])[:n]
+
+
+def lanes(report: Path) -> list[str]:
+    """Each tier's lanes (pytest-xdist workers): how long each was busy and its modules in the order it ran
+    them, with their wall seconds, from the report's lane and start columns (tests/conftest.py)."""
+    runs: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
+    for line in report.read_text().splitlines() if report.exists() else []:
+        fields = line.split("\t")
+        if len(fields) != 5 or not fields[3].startswith("gw"):  # the smoke runs are not in lanes
+            continue
+        nodeid, wall, _, lane, at = fields
+        tier = nodeid.split("/")[1] if nodeid.count("/") > 1 else "?"
+        runs.setdefault((tier, lane), []).append((float(at), float(wall), nodeid))
+    lines = []
+    for (tier, lane), tests in sorted(runs.items()):
+        tests.sort()
+        busy = max(at + wall for at, wall, _ in tests) - tests[0][0]
+        modules: list[list] = []  # consecutive tests of one module
+        for _, wall, nodeid in tests:
+            module = nodeid.split("::")[0].removeprefix(f"tests/{tier}/")
+            if modules and modules[-1][0] == module:
+                modules[-1][1] += wall
+            else:
+                modules.append([module, wall])
+        lines.append(f"- {tier} {lane}, {busy:.0f} s: " + ", ".join(f"{m} {w:.0f}" for m, w in modules))
+    return lines
 
 
 def load_summary(loads: list[float]) -> dict[str, float]:
@@ -200,6 +226,8 @@ def main() -> int:
              + ", ".join(f"{k} {v}" for k, v in result["load_average"].items()),
              *(f"- {line}" for line in times.splitlines()),
              *(f"- pytest: `{line.strip('= ')}`" for line in summary),
+             "\nLanes (each lane's busy time from its first test's start to its last test's end; its modules in the "
+             "order it ran them, wall s):\n", *lanes(report),
              "\nSlowest tests (wall s, machine busy CPU-s during the test; lanes overlap, so CPU is shared):\n",
              "| test | wall s | CPU-s |", "| --- | --- | --- |",
              *(f"| `{nodeid}` | {w:.0f} | {c:.0f} |" for nodeid, w, c in slowest(report)),

@@ -47,6 +47,16 @@ os.environ["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"] = json.dumps([
 pytest_plugins = ["tests.support.fixtures"]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A module's tests share its module-scoped fixtures in one lane through --dist loadfile (Makefile). The
+    # xdist_group mark would look like another way, but pytest 9.2 with pytest-xdist 3.8 ignores it without a
+    # word (pytest-dev/pytest-xdist#1386): each lane then starts the module's heads and servers again.
+    marked = [item.nodeid for item in items if item.get_closest_marker("xdist_group")]
+    if marked:
+        raise pytest.UsageError(f"{marked[0]} is marked xdist_group, which the lanes ignore here (pytest-xdist "
+                                "#1386); a module's tests stay in one lane already (--dist loadfile)")
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(_HOME, ignore_errors=True)
 
@@ -65,11 +75,13 @@ def _machine_cpu_s() -> float:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
-    started, cpu = time.monotonic(), _machine_cpu_s()
+    started, cpu, at = time.monotonic(), _machine_cpu_s(), time.time()
     try:
         return (yield)
     finally:
         report = os.environ.get("AIRFLOW_RAY_TEST_CPU_REPORT")
         if report:  # machine-wide: exact when tests run one at a time, shared when lanes overlap
             with open(report, "a") as out:
-                out.write(f"{item.nodeid}\t{time.monotonic() - started:.1f}\t{_machine_cpu_s() - cpu:.1f}\n")
+                lane = os.environ.get("PYTEST_XDIST_WORKER", "main")  # which lane, and when: the lanes' timeline
+                out.write(f"{item.nodeid}\t{time.monotonic() - started:.1f}\t{_machine_cpu_s() - cpu:.1f}\t"
+                          f"{lane}\t{at:.0f}\n")

@@ -15,7 +15,7 @@ import pendulum
 from airflow.sdk import dag, task
 
 MARKERS = os.environ.get("AIRFLOW_RAY_TEST_MARKERS", "/nonexistent-markers")
-WIDE = 8
+WIDE = int(os.environ.get("AIRFLOW_RAY_TEST_WIDE", "8"))  # the mapped tasks of each wide DAG
 # benchmarks/durable_deferrable.py times bodies of a fixed length; the tests use conditions instead.
 SLEEP_S = os.environ.get("AIRFLOW_RAY_TEST_SLEEP_S")
 WAIT_BOUND_S = 600.0  # a body whose condition never comes ends after this (the test has failed by then)

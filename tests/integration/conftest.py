@@ -13,6 +13,22 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.lanes import longest_first
+
+# Slowest first (measured: benchmarks/results/suite_tiers.md); the rest keep their collection order.
+LONGEST_FIRST = (
+    "decorators/test_ray.py",
+    "test_example_dags.py",
+    "cluster/test_owner.py",
+    "xcom/test_backend.py",
+    "triggers/test_ray.py",
+    "operators/test_checkpoint.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    longest_first(items, Path(__file__).resolve().parent, LONGEST_FIRST)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _metadata_db(airflow_db: Path) -> Path:

@@ -9,6 +9,8 @@ services (its conftest refuses a unit test that asks for one).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.metadata
 import json
 import os
 import secrets
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from filelock import FileLock
 
 from tests.support import postgres
 from tests.support.s3server import BUCKET, S3_ACCESS_KEY, S3_SECRET_KEY, SeaweedS3, aws_connection, weed_binary
@@ -28,6 +31,8 @@ from tests.support.s3server import BUCKET, S3_ACCESS_KEY, S3_SECRET_KEY, Seaweed
 SERVICE_FIXTURES = frozenset({"airflow_db", "ray_cluster", "s3_endpoint", "pg_database", "pg_template",
                               "migrated_sqlite", "ray_connection"})
 SESSION_HEAD_NAMESPACE = "tests"
+# Migrated metadata DBs, one per virtualenv (migrated_sqlite); beside the uv cache the Makefile keeps.
+MIGRATED_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "airflow-ray-provider" / "migrated"
 SESSION_HEAD_CPUS = 4  # logical: a few Ray tasks run at once on the 2 cores
 
 
@@ -44,12 +49,35 @@ def migrate(env: dict[str, str], cwd: Path) -> None:
         raise RuntimeError(f"airflow db migrate failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
 
 
+def installed_key() -> str:
+    """What a migrated metadata DB depends on: the Python, and every installed distribution and its version
+    (Airflow's migrations, SQLAlchemy, any provider with tables of its own), hashed."""
+    names = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
+    digest = hashlib.sha256(f"{sys.version_info[:2]}\n".encode() + "\n".join(names).encode())
+    return digest.hexdigest()[:20]
+
+
 @pytest.fixture(scope="session")
 def migrated_sqlite(airflow_home: Path) -> Path:
-    """A pristine, migrated SQLite metadata DB: migrated once per session, copied by whoever needs one."""
+    """A pristine, migrated SQLite metadata DB, copied by whoever needs one.
+
+    Migrated once per virtualenv, not per session: kept under the user's cache by ``installed_key()``, as the
+    virtualenvs are kept by the hash of their constraints. ``airflow db migrate`` took 40-77 s of CPU on the
+    2-core machine, and ``make test`` started 5 sessions at once (3 integration lanes, 2 smoke runs), then 2
+    more; the first to need it migrates it under a lock, the others wait and copy. Remove
+    ``MIGRATED_CACHE`` to migrate afresh.
+    """
+    MIGRATED_CACHE.mkdir(parents=True, exist_ok=True)
+    cached = MIGRATED_CACHE / f"sqlite-{installed_key()}.db"
+    with FileLock(f"{cached}.lock", timeout=900):
+        if not cached.exists():
+            scratch = MIGRATED_CACHE / f".{cached.name}.{os.getpid()}"
+            scratch.unlink(missing_ok=True)
+            env = {**os.environ, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{scratch}"}
+            migrate(env, airflow_home)
+            os.replace(scratch, cached)  # whole or absent: a killed migration leaves no half-made cache
     template = airflow_home / "migrated-template.db"
-    env = {**os.environ, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{template}"}
-    migrate(env, airflow_home)
+    shutil.copyfile(cached, template)
     return template
 
 

@@ -44,7 +44,9 @@ def test_main_job_runs_the_higgs_example(tmp_path: Path, migrated_sqlite: Path) 
     for name in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CORE__DAGS_FOLDER",  # the script's own
                  "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", "AIRFLOW_CONN_RAY_DEFAULT"):
         env.pop(name, None)
-    conf = {"rows": 20_000, "rounds": 10}
+    # Without Ray Train: it adds about 80 s (measured in-process on a warm head), and trains in
+    # tests/integration/test_example_dags.py.
+    conf = {"rows": 20_000, "rounds": 10, "ray_train": False}
     lines: list[str] = []
     dag_test_alive_at_first_progress: bool | None = None
     try:
@@ -74,10 +76,10 @@ def test_main_job_runs_the_higgs_example(tmp_path: Path, migrated_sqlite: Path) 
         assert [state for _, label, state in progress if label == task_id][-1] == "success", stdout
     assert [float(t) for t, _, _ in progress] == sorted(float(t) for t, _, _ in progress), stdout
     assert "DAG example_ray_xgboost_higgs: success" in stdout
-    found = re.search(r"^Accuracy: ([0-9.]+) \(xgboost-ray\), ([0-9.]+) \(Ray Train\)", stdout, re.M)
+    found = re.search(r"^Accuracy: ([0-9.]+) \(xgboost-ray\), skipped \(Ray Train\)", stdout, re.M)
     assert found, stdout
     # A HIGGS-shaped synthetic set: a booster beats the 0.5 of guessing by a wide margin, as on real HIGGS.
-    assert float(found[1]) > 0.7 and float(found[2]) > 0.7, stdout
+    assert float(found[1]) > 0.7, stdout
     checkpoints = tmp_path / "ray-checkpoints" / "example_ray_xgboost_higgs"
     assert f"Checkpoints: {checkpoints}" in stdout
     assert list(checkpoints.glob("*/train_xgboost_ray/-1/result/manifest.json"))

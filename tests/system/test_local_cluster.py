@@ -29,7 +29,7 @@ from airflow_ray_provider.local_cluster import (
 from tests.support.heads import file_mode, forge_state
 
 # Its module-scoped fixtures stay in one lane.
-pytestmark = [pytest.mark.xdist_group("test_local_cluster"), pytest.mark.timeout(600)]
+pytestmark = pytest.mark.timeout(600)
 
 
 def _count(cluster: LocalRayCluster, name: str, session_id: int) -> int:

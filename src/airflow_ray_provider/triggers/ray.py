@@ -33,8 +33,10 @@ UNREACHABLE_LIMIT_S = 600.0
 # The triggerer's cancel message for a user action (mark failed / success, clear); on Airflow 3.3
 # the triggerer then calls on_kill() itself (airflow/jobs/triggerer_job_runner.py, run_trigger).
 USER_ACTION_CANCEL_MSG = "__airflow_user_action__"
-# Asking the API server for the task instance's state, from the triggerer.
-TASK_STATE_TIMEOUT_S = 10.0
+# Asking the API server for the task instance's state, from the triggerer. Inside on_kill, which Airflow bounds
+# by [triggerer] on_kill_timeout (30 s), leaving time for the cancel itself. 10 s ran out on the loaded 2-core
+# test machine for a triggerer started seconds before, which left the run to its lease (180 s).
+TASK_STATE_TIMEOUT_S = 20.0
 MIN_POLL_INTERVAL_S = 0.1
 MAX_POLL_INTERVAL_S = 60.0
 DEFERRED = "deferred"

@@ -30,7 +30,7 @@ from airflow_ray_provider.local_cluster import LOOPBACK_ONLY_ENV, LocalRayCluste
 from tests.support import ROOT
 
 # Its module-scoped fixtures stay in one lane.
-pytestmark = [pytest.mark.xdist_group("cluster/test_try_cleanup"), pytest.mark.timeout(600)]
+pytestmark = pytest.mark.timeout(600)
 
 NAMESPACE = "cleanup"
 FREE_WITHIN_S = 30  # a released placement group frees its CPUs within about a second here

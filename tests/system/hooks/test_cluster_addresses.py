@@ -1,8 +1,8 @@
 """Pointing at an existing cluster: Ray Client (``ray://``) and a cluster with token authentication.
 
-Each starts its own head with the provider's launcher (free ports, its own temp dir) and runs a
-checkpointed DAG through it, as a user with a shared cluster would. A KubeRay head service
-(``host:port``) is the GCS form every other test uses against the session head.
+Both use one head of this module's, started with the provider's launcher (free ports, its own temp dir) and
+the user's own token, and run a checkpointed DAG through it, as a user with a shared cluster would. A KubeRay
+head service (``host:port``) is the GCS form every other test uses against the session head.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from airflow_ray_provider.hooks.ray import RayHook
-from airflow_ray_provider.local_cluster import LocalClusterState, LocalRayCluster, read_token_file
+from airflow_ray_provider.local_cluster import LocalClusterState, LocalRayCluster
 from tests.support.dag_runs import run_py
 
 # The DAG runs (subprocesses) use the session's DB.
@@ -35,32 +35,32 @@ def dag_run(conn: dict, marker: Path, airflow_home: Path) -> tuple[dict, str]:
     return run_py(RUN.format(marker=str(marker)), env=env, timeout=600)
 
 
-@pytest.fixture
-def own_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., LocalClusterState]]:
-    heads: list[LocalRayCluster] = []
-
-    def start(**env: str) -> LocalClusterState:
-        with monkeypatch.context() as scoped:  # only the head's own processes see these
-            # This process may have connected with a token already (RayHook sets RAY_AUTH_* for Ray's
-            # loader); a head started here would adopt it as the user's own. Start from a clean slate.
-            for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-                scoped.delenv(name, raising=False)
-            for name, value in env.items():
-                scoped.setenv(name, value)
-            cluster = LocalRayCluster(tmp_path / f"head-{len(heads)}", num_cpus=2)
-            heads.append(cluster)
-            return cluster.ensure_running()
-
-    yield start
-    for cluster in heads:
+@pytest.fixture(scope="module")
+def token_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalClusterState, str]]:
+    """A head of this module's own, started with the user's own token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN), as
+    a shared cluster with token authentication is; both tests use it (one head start fewer than one each)."""
+    token = secrets.token_hex(16)
+    cluster = LocalRayCluster(tmp_path_factory.mktemp("token-head"), num_cpus=2)
+    with pytest.MonkeyPatch.context() as scoped:  # only the head's own processes see these
+        # This process may have connected with a token already (RayHook sets RAY_AUTH_* for Ray's loader);
+        # the head must run with the token given here.
+        for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            scoped.delenv(name, raising=False)
+        scoped.setenv("RAY_AUTH_MODE", "token")
+        scoped.setenv("RAY_AUTH_TOKEN", token)
+        state = cluster.ensure_running()
+    try:
+        yield state, token
+    finally:
         cluster.stop()
 
 
-def test_ray_client_address_runs_tasks_and_checkpoints(own_head, tmp_path: Path, airflow_home: Path) -> None:
-    state = own_head()
+def test_ray_client_address_runs_tasks_and_checkpoints(token_head: tuple[LocalClusterState, str], tmp_path: Path,
+                                                       airflow_home: Path) -> None:
+    state, token = token_head
     assert state.client_address and state.client_address.startswith("ray://127.0.0.1:")
-    assert state.token_file  # the launcher's head requires its token, also through Ray Client
-    result, output = dag_run({"conn_type": "ray", "password": read_token_file(Path(state.token_file)),
+    # The head requires its token, also through Ray Client.
+    result, output = dag_run({"conn_type": "ray", "password": token,
                               # 60 s: Ray Client's connect ran past 30 s once on the loaded 2-core CI machine.
                               "extra": {"address": state.client_address, "connect_timeout": 60}},
                              tmp_path / "marker.log", airflow_home)
@@ -77,9 +77,9 @@ def _client_server_logs(state: LocalClusterState) -> str:
 
 
 def test_token_auth_right_token_works_wrong_or_missing_is_refused_and_never_logged(
-        own_head, connection, tmp_path: Path, airflow_home: Path) -> None:
-    token, wrong = secrets.token_hex(16), secrets.token_hex(16)
-    state = own_head(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+        token_head: tuple[LocalClusterState, str], connection: Callable[..., str], tmp_path: Path,
+        airflow_home: Path) -> None:
+    (state, token), wrong = token_head, secrets.token_hex(16)
     base = {"conn_type": "ray", "host": "127.0.0.1", "port": state.gcs_port,
             "extra": {"namespace": "token-auth", "connect_timeout": 60}}
     # A DAG run with the wrong token fails before anything ran. (A missing token goes the same way through the

@@ -16,8 +16,6 @@ from airflow_ray_provider.hooks.ray import RayHook
 from tests.support import ROOT
 from tests.support.heads import head_from
 
-pytestmark = pytest.mark.xdist_group("hooks/test_version_mismatch")  # its module-scoped fixtures stay in one lane
-
 # Built by `make versions` (the oldest supported combination: another Ray and another Python).
 OTHER = Path(os.environ.get("AIRFLOW_RAY_OTHER_VENV") or ROOT / ".venv-py3.10-ray2.58-airflow3.2")
 

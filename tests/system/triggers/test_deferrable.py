@@ -1,6 +1,6 @@
 """Deferrable ``@task.ray`` under the real scheduler (LocalExecutor, 2 slots) and a real triggerer.
 
-- 8 mapped deferrable Ray tasks on 2 worker slots all run in Ray at once (each body waits until all 8 have
+- 4 mapped deferrable Ray tasks on 2 worker slots all run in Ray at once (each body waits until all 4 have
   started, which only happens if no slot is held while Ray works), while the same DAG not deferred runs
   them at most two at a time;
 - the triggerer is SIGKILLed while a task is deferred and a new one started: the task still
@@ -32,6 +32,9 @@ DAG_FILE = ROOT / "tests" / "dags" / "deferrable_dags.py"
 WIDE, NOT_DEFERRED = "ray_deferrable_wide", "ray_not_deferrable_wide"
 RESTART, MARK_FAILED = "ray_deferrable_triggerer_restart", "ray_deferrable_mark_failed"
 RAY_XCOM_BACKEND = "airflow_ray_provider.xcom.RayXComBackend"
+# Mapped tasks per wide DAG: twice the 2 worker slots. All of them running in Ray at once shows that no slot is
+# held while Ray works; 8 (the benchmark's) cost this test 8 more task processes on 2 slots, about 90 s.
+ITEMS = 4
 
 
 def _ti_state(api, dag_id: str, run_id: str, task_id: str) -> str | None:
@@ -50,6 +53,15 @@ def _owner_state(dag_id: str) -> str | None:
                                        what="inventory")
     states = [info["state"] for key, info in inventory.items() if key.startswith(f"{dag_id}/")]
     return states[0] if states else None
+
+
+WATCHER_READY = "Ray watcher of connection 'ray_default' started"
+
+
+def _trigger_log_count(home: Path, dag_ids: tuple[str, ...], text: str, triggerer: int | str = "*") -> int:
+    """How many times ``text`` is in these DAGs' trigger logs (of one triggerer, by its job id, if given)."""
+    return sum(path.read_text(errors="replace").count(text) for dag_id in dag_ids
+               for path in (home / "logs" / f"dag_id={dag_id}").rglob(f"*.log.trigger.{triggerer}.log"))
 
 
 def _triggerer_ids(db: Path, dag_ids: tuple[str, ...]) -> dict[str, int | None]:
@@ -73,7 +85,8 @@ def test_deferrable_tasks_free_slots_survive_a_triggerer_restart_and_cancel_when
     shutil.copy(DAG_FILE, dags / DAG_FILE.name)
     db = tmp_path / "airflow.db"
     airflow = Airflow(home=tmp_path / "airflow-home", dags=dags, db_url=sqlite_copy(migrated_sqlite, db),
-                      extra_env={"AIRFLOW_RAY_TEST_MARKERS": str(markers), "AIRFLOW__CORE__PARALLELISM": "2",
+                      extra_env={"AIRFLOW_RAY_TEST_MARKERS": str(markers), "AIRFLOW_RAY_TEST_WIDE": str(ITEMS),
+                                 "AIRFLOW__CORE__PARALLELISM": "2",
                                  "AIRFLOW__CORE__XCOM_BACKEND": RAY_XCOM_BACKEND,
                                  "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10"})
     api = airflow.api
@@ -89,13 +102,13 @@ def test_deferrable_tasks_free_slots_survive_a_triggerer_restart_and_cancel_when
             assert state == "success", f"{state}\n\n{airflow.diagnostics()}"
             return time.monotonic() - started, intervals(markers / dag_id)
 
-        # 1. Two slots, eight deferred Ray tasks: all eight run in Ray at once.
+        # 1. Two slots, four deferred Ray tasks: all four run in Ray at once.
         deferred_s, wide = run_wide(WIDE)
-        assert len(wide) == 8 and max_overlap(wide) == 8, f"{wide}\n\n{airflow.diagnostics()}"
+        assert len(wide) == ITEMS and max_overlap(wide) == ITEMS, f"{wide}\n\n{airflow.diagnostics()}"
         # 2. The same DAG not deferred: each task holds a slot while Ray works, so at most two at once.
         held_s, held = run_wide(NOT_DEFERRED)
-        assert len(held) == 8 and max_overlap(held) <= 2, f"{held}\n\n{airflow.diagnostics()}"
-        print(f"\n8 Ray tasks on 2 slots: deferrable {deferred_s:.1f}s (bodies wait for all 8), not deferrable "
+        assert len(held) == ITEMS and max_overlap(held) <= 2, f"{held}\n\n{airflow.diagnostics()}"
+        print(f"\n{ITEMS} Ray tasks on 2 slots: deferrable {deferred_s:.1f}s (bodies wait for all), not deferrable "
               f"{held_s:.1f}s (2 s bodies)")
 
         # 3. Kill the triggerer while the task is deferred; a new one takes the trigger over.
@@ -117,16 +130,23 @@ def test_deferrable_tasks_free_slots_survive_a_triggerer_restart_and_cancel_when
         new = airflow.start_triggerer("triggerer-2")
         # Until the new triggerer runs them (after TRIGGERER_HEALTH_CHECK_THRESHOLD), no trigger watches
         # either run; a task marked failed in that gap is cancelled only by its lease (README).
-        airflow.wait("the new triggerer to take both triggers over", lambda: (
-            (ids := assigned()) and not set(ids.values()) & set(before.values())), 300)
+        after = airflow.wait("the new triggerer to take both triggers over", lambda: (
+            (ids := assigned()) and not set(ids.values()) & set(before.values()) and ids), 300)
         airflow.wait("a trigger to run in the new triggerer (its watcher started)",
                      lambda: started_under(new, "airflow_ray_provider.triggers.watcher", restarted), 300)
+        # ...and connected: until then the new triggerer is busy starting it, and on_kill's read of the task's
+        # state can run out (seen once: the cancel was then left to the run's lease, 180 s).
+        (new_id,) = set(after.values())
+        airflow.wait("the new triggerer's watcher to be connected", lambda: _trigger_log_count(
+            airflow.home, (RESTART, MARK_FAILED), WATCHER_READY, new_id) > 0, 300)
 
         # 4. Mark the other deferred task failed: its Ray task is cancelled.
         api.ok("PATCH", f"/api/v2/dags/{MARK_FAILED}/dagRuns/{runs[MARK_FAILED]}/taskInstances/body",
                {"new_state": "failed"})
         airflow.wait("the marked-failed task's Ray task to be cancelled",
                      lambda: _owner_state(MARK_FAILED) == "cancelled", 180, interval=2.0)
+        # By on_kill, not by the run's lease running out (which also ends in "cancelled").
+        assert _trigger_log_count(airflow.home, (MARK_FAILED,), "Cancelling Ray run") == 1, airflow.diagnostics()
 
         release(markers, RESTART)  # watched by the new triggerer now: let its body end
         state = airflow.wait(f"run of {RESTART}", lambda: api.run_state(RESTART, runs[RESTART]), 300)

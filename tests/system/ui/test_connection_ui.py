@@ -25,7 +25,7 @@ from tests.support import ROOT
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, browser_or_skip, running_api_server
 
 # Its module-scoped fixtures stay in one lane.
-pytestmark = [pytest.mark.xdist_group("ui/test_connection_ui"), pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
 
 OUTPUT = ROOT / "tests" / "output" / "connection_ui"
 TEST_TIMEOUT_MS = 150_000  # a `local` Test starts the embedded head first (about 15 s here), then probes it

@@ -34,7 +34,7 @@ from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, browser_or_skip, runn
 from tests.support.dag_runs import run_py
 
 # Its module-scoped fixtures stay in one lane.
-pytestmark = [pytest.mark.xdist_group("ui/test_task_ui"), pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
 
 OUTPUT = ROOT / "tests" / "output" / "task_ui"
 FRAME_SUMMARY = "DataFrame 1000000 rows x 2 columns [x, y]"  # tests/dags/ui_dags.py's frame()
@@ -74,19 +74,33 @@ def _ray_state(dashboard: str, token: str | None, path: str, **params: str) -> A
 
 @dataclass
 class LinksRun:
-    """One run of ``ray_links`` on the embedded head with its dashboard, and an API server to read it back."""
+    """One run of ``ray_links`` on the embedded head with its dashboard, and an API server to read it back.
+
+    The API server has two users, an admin and a viewer (Airflow's simple auth manager); ``admin`` and
+    ``viewer`` are their API tokens. One server for every test here: the Ray tab's test needs both users.
+    """
 
     api: str
     dashboard: str
-    token: str | None
+    token: str | None  # the Ray cluster's
     run_id: str
     output: str
     db: Path  # the session's SQLite metadata DB
-
+    admin: str
+    viewer: str
 
     def links(self, task_id: str, map_index: int = -1) -> dict[str, str | None]:
         return _get(f"{self.api}/api/v2/dags/ray_links/dagRuns/{urllib.parse.quote(self.run_id)}/taskInstances/"
-                    f"{task_id}/links?map_index={map_index}")["extra_links"]
+                    f"{task_id}/links?map_index={map_index}", self.admin)["extra_links"]
+
+
+def _token(api: str, user: str, password: str) -> str:
+    request = urllib.request.Request(f"{api}/auth/token", data=json.dumps({"username": user, "password": password})
+                                     .encode(), headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        return json.loads(resp.read())["access_token"]
+
+
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +123,15 @@ def links_run(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         """, env={"AIRFLOW_CONN_RAY_DEFAULT": json.dumps(conn)})
         assert set(result["states"].values()) == {"success"}, output[-6000:]
         assert result["total"] == 30
-        with running_api_server(tmp_path_factory.mktemp("api"), OUTPUT) as api:
+        workdir = tmp_path_factory.mktemp("api")
+        passwords = {"admin": secrets.token_urlsafe(12), "viewer": secrets.token_urlsafe(12)}
+        (workdir / "passwords.json").write_text(json.dumps(passwords))
+        users = {"AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
+                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(workdir / "passwords.json")}
+        with running_api_server(workdir, OUTPUT, users) as api:
             yield LinksRun(api, state.dashboard_url.rstrip("/"), embedded.auth_token(), result["run_id"], output,
-                           airflow_db)
+                           airflow_db, *(_token(api, name, passwords[name]) for name in ("admin", "viewer")))
     finally:
         embedded.stop()
 
@@ -162,8 +182,8 @@ def test_the_xcom_row_leads_with_what_a_person_reads_and_the_api_never_joins_ray
     before = drivers()
     entry = f"{links_run.api}/api/v2/dags/ray_links/dagRuns/{urllib.parse.quote(links_run.run_id)}/taskInstances/" \
             "frame/xcomEntries/return_value"
-    raw = _get(entry)["value"]  # what the DB row holds
-    shown = _get(entry + "?deserialize=true")["value"]  # what the XCom tab asks for
+    raw = _get(entry, links_run.viewer)["value"]  # what the DB row holds
+    shown = _get(entry + "?deserialize=true", links_run.viewer)["value"]  # what the XCom tab asks for
     for value in (raw, shown):
         row = json.loads(value) if isinstance(value, str) else value
         assert list(row)[:5] == ["summary", "type", "size", "nodes", "checkpoint"], row
@@ -184,6 +204,7 @@ def test_the_task_page_shows_the_links_and_ray_task_opens_its_dashboard_page(lin
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            context.add_cookies([{"name": "_token", "value": links_run.viewer, "url": links_run.api + "/"}])
             page = context.new_page()
             page.goto(f"{links_run.api}/dags/ray_links/runs/{urllib.parse.quote(links_run.run_id)}/tasks/work/mapped/1/details")
             link = page.get_by_role("link", name="Ray task")
@@ -225,13 +246,6 @@ def test_the_task_page_shows_the_links_and_ray_task_opens_its_dashboard_page(lin
 
 
 # -- the Ray tab of a DAG run (last: it releases the run's objects) -----------------------------------------------
-def _token(api: str, user: str, password: str) -> str:
-    request = urllib.request.Request(f"{api}/auth/token", data=json.dumps({"username": user, "password": password})
-                                     .encode(), headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(request, timeout=60) as resp:
-        return json.loads(resp.read())["access_token"]
-
-
 def _call(method: str, url: str, token: str) -> tuple[int, Any]:
     request = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {token}"})
     try:
@@ -267,103 +281,96 @@ def page_of_another_port(document: str) -> Iterator[str]:
         server.server_close()
 
 
-def test_the_ray_tab_shows_the_runs_objects_and_only_editors_release_them(links_run: LinksRun,
-                                                                          tmp_path: Path) -> None:
-    passwords = {"admin": secrets.token_urlsafe(12), "viewer": secrets.token_urlsafe(12)}
-    (tmp_path / "passwords.json").write_text(json.dumps(passwords))
-    users = {"AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
-             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp_path / "passwords.json")}
-    with running_api_server(tmp_path, OUTPUT, users) as api:
-        admin, viewer = (_token(api, name, passwords[name]) for name in ("admin", "viewer"))
-        run = f"{api}/ray/runs/ray_links/{urllib.parse.quote(links_run.run_id)}"
+def test_the_ray_tab_shows_the_runs_objects_and_only_editors_release_them(links_run: LinksRun) -> None:
+    api, admin, viewer = links_run.api, links_run.admin, links_run.viewer
+    run = f"{api}/ray/runs/ray_links/{urllib.parse.quote(links_run.run_id)}"
 
-        # A viewer sees the objects (what the XCom rows and the owner say, no object fetched)...
-        status, view = _call("GET", f"{run}/objects", viewer)
-        assert status == 200, view
-        rows = {(o["task_id"], o["map_index"]): o for o in view["objects"]}
-        assert set(rows) == {("work", 0), ("work", 1), ("frame", -1)}, view
-        assert {o["status"] for o in rows.values()} == {"in Ray"}, view
-        frame = rows[("frame", -1)]
-        assert frame["summary"] == FRAME_SUMMARY and "/frame/-1/result/" in frame["checkpoint"], frame
-        assert frame["held_since"] and frame["nodes"], frame
-        assert view["refused"] == [] and view["clusters"]["ray_default"]["error"] is None, view
-        used_before = view["clusters"]["ray_default"]["store_used_bytes"]
-        assert used_before >= 15 * 2**20, view  # the 16 MB frame is in the object store
+    # A viewer sees the objects (what the XCom rows and the owner say, no object fetched)...
+    status, view = _call("GET", f"{run}/objects", viewer)
+    assert status == 200, view
+    rows = {(o["task_id"], o["map_index"]): o for o in view["objects"]}
+    assert set(rows) == {("work", 0), ("work", 1), ("frame", -1)}, view
+    assert {o["status"] for o in rows.values()} == {"in Ray"}, view
+    frame = rows[("frame", -1)]
+    assert frame["summary"] == FRAME_SUMMARY and "/frame/-1/result/" in frame["checkpoint"], frame
+    assert frame["held_since"] and frame["nodes"], frame
+    assert view["refused"] == [] and view["clusters"]["ray_default"]["error"] is None, view
+    used_before = view["clusters"]["ray_default"]["store_used_bytes"]
+    assert used_before >= 15 * 2**20, view  # the 16 MB frame is in the object store
 
-        # A reference row copied (as a DB editor could) to another task's row is refused, not shown as an object.
-        copy_sql = ("INSERT INTO xcom (dag_run_id, task_id, map_index, key, dag_id, run_id, value, timestamp) "
-                    "SELECT dag_run_id, 'total', -1, 'copied', dag_id, run_id, value, timestamp FROM xcom "
-                    "WHERE dag_id = 'ray_links' AND run_id = ? AND task_id = 'frame' AND key = 'return_value'")
+    # A reference row copied (as a DB editor could) to another task's row is refused, not shown as an object.
+    copy_sql = ("INSERT INTO xcom (dag_run_id, task_id, map_index, key, dag_id, run_id, value, timestamp) "
+                "SELECT dag_run_id, 'total', -1, 'copied', dag_id, run_id, value, timestamp FROM xcom "
+                "WHERE dag_id = 'ray_links' AND run_id = ? AND task_id = 'frame' AND key = 'return_value'")
+    with sqlite3.connect(links_run.db) as db:
+        db.execute(copy_sql, (links_run.run_id,))
+    try:
+        copied = _call("GET", f"{run}/objects", viewer)[1]
+    finally:
         with sqlite3.connect(links_run.db) as db:
-            db.execute(copy_sql, (links_run.run_id,))
+            db.execute("DELETE FROM xcom WHERE dag_id = 'ray_links' AND key = 'copied'")
+    assert len(copied["objects"]) == 3 and len(copied["refused"]) == 1, copied
+    assert copied["refused"][0]["task_id"] == "total" and "copied from another task" in copied["refused"][0][
+        "error"], copied
+
+    # ...but may not release them: that takes edit access to the DAG's runs.
+    status, body = _call("POST", f"{run}/release", viewer)
+    assert status == 403, body
+    assert {o["status"] for o in _call("GET", f"{run}/objects", viewer)[1]["objects"]} == {"in Ray"}
+    assert _call("GET", f"{api}/ray/runs/no_such_dag/x/objects", admin)[1]["objects"] == []
+
+    # The admin, in the browser: the DAG run's Ray tab shows the same, and its button releases them.
+    sync_playwright = browser_or_skip()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
-            copied = _call("GET", f"{run}/objects", viewer)[1]
-        finally:
-            with sqlite3.connect(links_run.db) as db:
-                db.execute("DELETE FROM xcom WHERE dag_id = 'ray_links' AND key = 'copied'")
-        assert len(copied["objects"]) == 3 and len(copied["refused"]) == 1, copied
-        assert copied["refused"][0]["task_id"] == "total" and "copied from another task" in copied["refused"][0][
-            "error"], copied
-
-        # ...but may not release them: that takes edit access to the DAG's runs.
-        status, body = _call("POST", f"{run}/release", viewer)
-        assert status == 403, body
-        assert {o["status"] for o in _call("GET", f"{run}/objects", viewer)[1]["objects"]} == {"in Ray"}
-        assert _call("GET", f"{api}/ray/runs/no_such_dag/x/objects", admin)[1]["objects"] == []
-
-        # The admin, in the browser: the DAG run's Ray tab shows the same, and its button releases them.
-        sync_playwright = browser_or_skip()
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            context = browser.new_context(viewport={"width": 1500, "height": 1000})
+            context.add_cookies([{"name": "_token", "value": admin, "url": api + "/"}])
+            # Cross-site request forgery: a page on another port of the host (the Ray dashboard, Jupyter)
+            # posts a form to the release endpoint; the admin's cookie goes with it, and it is refused.
+            form = (f'<form method="post" action="{html.escape(run)}/release"></form>'
+                    "<script>document.forms[0].submit()</script>")
+            with page_of_another_port(form) as attacker:
+                forged = context.new_page()
+                with forged.expect_response(lambda r: r.url.endswith("/release"), timeout=60_000) as posted:
+                    forged.goto(attacker)
+                assert posted.value.status == 403, posted.value.text()
+                assert "must come from the Ray tab itself" in posted.value.text()
+                forged.close()
+            page = context.new_page()
+            page.goto(f"{api}/dags/ray_links/runs/{urllib.parse.quote(links_run.run_id)}")
+            page.get_by_role("link", name="Ray", exact=True).or_(
+                page.get_by_role("tab", name="Ray", exact=True)).first.click(timeout=90_000)
+            tab = page.frame_locator("iframe[title='Ray']")
+            held = tab.locator("tr[data-status='in Ray']")
             try:
-                context = browser.new_context(viewport={"width": 1500, "height": 1000})
-                context.add_cookies([{"name": "_token", "value": admin, "url": api + "/"}])
-                # Cross-site request forgery: a page on another port of the host (the Ray dashboard, Jupyter)
-                # posts a form to the release endpoint; the admin's cookie goes with it, and it is refused.
-                form = (f'<form method="post" action="{html.escape(run)}/release"></form>'
-                        "<script>document.forms[0].submit()</script>")
-                with page_of_another_port(form) as attacker:
-                    forged = context.new_page()
-                    with forged.expect_response(lambda r: r.url.endswith("/release"), timeout=60_000) as posted:
-                        forged.goto(attacker)
-                    assert posted.value.status == 403, posted.value.text()
-                    assert "must come from the Ray tab itself" in posted.value.text()
-                    forged.close()
-                page = context.new_page()
-                page.goto(f"{api}/dags/ray_links/runs/{urllib.parse.quote(links_run.run_id)}")
-                page.get_by_role("link", name="Ray", exact=True).or_(
-                    page.get_by_role("tab", name="Ray", exact=True)).first.click(timeout=90_000)
-                tab = page.frame_locator("iframe[title='Ray']")
-                held = tab.locator("tr[data-status='in Ray']")
-                try:
-                    held.nth(2).wait_for(timeout=120_000)
-                finally:
-                    page.screenshot(path=str(OUTPUT / "ray-tab.png"), full_page=True)
-                assert held.count() == 3
-                assert tab.get_by_text(FRAME_SUMMARY).count() == 1
-                tab.get_by_role("button", name="Release this run's Ray objects").click()
-                tab.get_by_role("button", name="Click again to release them from Ray now").click()
-                message = tab.get_by_text("Released 3 object(s).")
-                try:
-                    message.wait_for(timeout=120_000)
-                    tab.locator("tr[data-status='only in checkpoint']").first.wait_for(timeout=60_000)
-                finally:
-                    page.screenshot(path=str(OUTPUT / "ray-tab-released.png"), full_page=True)
-                statuses = [row.get_attribute("data-status") for row in tab.locator("tbody tr").all()]
-                assert sorted(statuses) == ["gone", "gone", "only in checkpoint"], statuses
+                held.nth(2).wait_for(timeout=120_000)
             finally:
-                browser.close()
+                page.screenshot(path=str(OUTPUT / "ray-tab.png"), full_page=True)
+            assert held.count() == 3
+            assert tab.get_by_text(FRAME_SUMMARY).count() == 1
+            tab.get_by_role("button", name="Release this run's Ray objects").click()
+            tab.get_by_role("button", name="Click again to release them from Ray now").click()
+            message = tab.get_by_text("Released 3 object(s).")
+            try:
+                message.wait_for(timeout=120_000)
+                tab.locator("tr[data-status='only in checkpoint']").first.wait_for(timeout=60_000)
+            finally:
+                page.screenshot(path=str(OUTPUT / "ray-tab-released.png"), full_page=True)
+            statuses = [row.get_attribute("data-status") for row in tab.locator("tbody tr").all()]
+            assert sorted(statuses) == ["gone", "gone", "only in checkpoint"], statuses
+        finally:
+            browser.close()
 
-        # The object store's use drops by the frame (Ray frees it shortly after its last reference goes);
-        # what stays is its checkpoint, which restores it.
-        deadline = time.monotonic() + 60
-        while True:
-            after = _call("GET", f"{run}/objects", admin)[1]
-            used_after = after["clusters"]["ray_default"]["store_used_bytes"]
-            if used_after <= used_before - 15 * 2**20 or time.monotonic() > deadline:
-                break
-            time.sleep(3)
-        assert used_after <= used_before - 15 * 2**20, (used_before, after)
-        assert {(o["task_id"], o["status"]) for o in after["objects"]} == {
-            ("work", "gone"), ("frame", "only in checkpoint")}, after
+    # The object store's use drops by the frame (Ray frees it shortly after its last reference goes);
+    # what stays is its checkpoint, which restores it.
+    deadline = time.monotonic() + 60
+    while True:
+        after = _call("GET", f"{run}/objects", admin)[1]
+        used_after = after["clusters"]["ray_default"]["store_used_bytes"]
+        if used_after <= used_before - 15 * 2**20 or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert used_after <= used_before - 15 * 2**20, (used_before, after)
+    assert {(o["task_id"], o["status"]) for o in after["objects"]} == {
+        ("work", "gone"), ("frame", "only in checkpoint")}, after
