@@ -681,6 +681,9 @@ class LocalRayCluster:
         env = {k: v for k, v in ray_process_env().items() if not k.startswith("RAY_AUTH_")}
         env.update(RAY_SYSTEM_ENV, **auth_env)
         env.setdefault(METRICS_ENV, "0")
+        if env[METRICS_ENV] == "0":  # nor the metrics servers Ray starts regardless (see ray_compat)
+            for name, value in ray_compat.NO_METRICS_SERVERS_ENV.items():
+                env.setdefault(name, value)
         if self.loopback_only:
             cmd.append(f"--node-ip-address={LOOPBACK}")  # kept loopback only by LOOPBACK_ONLY_ENV, see there
             env.update(LOOPBACK_ONLY_ENV)

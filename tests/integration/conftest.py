@@ -15,14 +15,16 @@ import pytest
 
 from tests.support.lanes import longest_first
 
-# Slowest first (measured: benchmarks/results/suite_tiers.md); the rest keep their collection order.
+# Slowest first (wall s of each module in one lane, run 11 of benchmarks/results/suite_tiers.md, 3 lanes with the
+# smoke runs beside them); the rest keep their collection order.
 LONGEST_FIRST = (
-    "decorators/test_ray.py",
-    "test_example_dags.py",
-    "cluster/test_owner.py",
-    "xcom/test_backend.py",
-    "triggers/test_ray.py",
-    "operators/test_checkpoint.py",
+    "decorators/test_ray.py",  # 457
+    "cluster/test_owner.py",  # 438
+    "test_example_dags.py",  # 376
+    "operators/test_checkpoint.py",  # 320
+    "xcom/test_backend.py",  # 282
+    "triggers/test_ray.py",  # 198
+    "test_trust.py",  # 72
 )
 
 

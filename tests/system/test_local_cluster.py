@@ -197,6 +197,13 @@ def test_no_port_of_the_head_serves_metrics_without_the_token(
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         serving = [port for port, yes in zip(ports, pool.map(_serves_ray_metrics, ports), strict=True) if yes]
     assert ports and not serving, f"ports {serving} of {ports} serve Ray's metrics to anyone on this host"
+    # The dashboard process and the autoscaler monitor serve metrics on fixed ports that only the machine's first
+    # head gets (run 11 of benchmarks/results/suite_tiers.md: this head had 44227), so the probe above alone
+    # passes whenever another head holds them. Each says in its log which port it tried.
+    logs = Path(state.temp_dir) / "ray" / "session_latest" / "logs"
+    for log, server in (("dashboard.log", "dashboard"), ("monitor.log", "autoscaler")):
+        text = (logs / log).read_text(errors="replace")
+        assert f"Starting {server} metrics server on port -1" in text, text[-3000:]
 
 
 def test_a_driver_without_the_token_is_refused_and_ray_hook_brings_it(

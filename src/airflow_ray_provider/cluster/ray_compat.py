@@ -31,6 +31,13 @@ GCS_RECONNECT_TIMEOUT_ENV = f"RAY_{GCS_RECONNECT_TIMEOUT_NAME}"
 # Undocumented: with it, Ray stops rewriting 127.0.0.1 to the machine's address, so a head can stay
 # on loopback. Read once at import into ``ray_constants.ENABLE_RAY_CLUSTER``.
 LOOPBACK_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# A head's dashboard process and its autoscaler monitor each serve Prometheus metrics of their own, without the
+# head's token, on fixed ports (ray/dashboard/consts.py DASHBOARD_METRIC_PORT 44227, autoscaler/_private/
+# constants.py AUTOSCALER_METRIC_PORT 44217; Ray 2.58-2.60), whatever RAY_enable_metrics_collection says, and the
+# first head on the machine gets them. Seen: a head of the launcher served ray_dashboard_api_requests_* on
+# 127.0.0.1:44227 to anyone on the host. Ray has no switch for them; given a port that cannot be bound, each logs
+# that its metrics server did not start and goes on (both catch the error).
+NO_METRICS_SERVERS_ENV = {"DASHBOARD_METRIC_PORT": "-1", "AUTOSCALER_METRIC_PORT": "-1"}
 
 # The logger of ray.init's own messages (its SIGTERM-handler warning is filtered, see hooks/ray.py).
 WORKER_LOGGER = "ray._private.worker"
