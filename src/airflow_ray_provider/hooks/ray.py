@@ -42,6 +42,10 @@ _connect_lock = threading.Lock()
 _connected: dict[str, str | None] = {}
 # How long the pre-reuse check waits for the GCS behind the connection to say which cluster it is.
 _CLUSTER_CHECK_TIMEOUT_S = 5.0
+# What the Test button's probe may take to start before its connect (bounded by connect_timeout) begins: a new
+# interpreter importing Airflow's config and Ray took more than 30 s with both cores of a 2-core machine busy
+# (stress-ng beside the test suite), and the button then reported a cluster that answered as unreachable.
+PROBE_STARTUP_S = 120.0
 # A week, in seconds (fits Ray's int32 config even as milliseconds); see _connect_bounded.
 _GCS_RECONNECT_ENV = ray_compat.GCS_RECONNECT_TIMEOUT_ENV
 _DRIVER_GCS_RECONNECT_TIMEOUT_S = str(7 * 24 * 3600)
@@ -214,11 +218,14 @@ class RayHook(BaseHook):
             env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=settings.auth_token)
         cmd = [sys.executable, "-m", "airflow_ray_provider.hooks.probe", target, settings.namespace,
                str(settings.connect_timeout)]
+        # The probe bounds its own connect by connect_timeout; this bound also covers starting it (Python, Airflow's
+        # config, Ray), which alone took more than 30 s on a 2-core machine with both cores busy.
+        bound = settings.connect_timeout + PROBE_STARTUP_S
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                  timeout=settings.connect_timeout + 30)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=bound)
         except subprocess.TimeoutExpired:
-            return False, f"Ray cluster at {target} did not answer within {settings.connect_timeout:.0f}s"
+            return False, (f"The connection test of the Ray cluster at {target} did not finish within {bound:.0f}s "
+                           f"(starting its probe process, then connecting for up to {settings.connect_timeout:.0f}s)")
         lines = (proc.stdout.strip() or proc.stderr.strip() or "no output").splitlines()
         if proc.returncode != 0:
             return False, lines[-1]

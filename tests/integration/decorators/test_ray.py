@@ -106,6 +106,7 @@ def test_execution_timeout_cancels_the_ray_task(tmp_path: Path) -> None:
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.timeout(480)
 def test_sigterm_to_the_task_process_cancels_the_ray_task(tmp_path: Path) -> None:
     """Marking a running task failed or stopping its worker sends SIGTERM: Airflow calls on_kill."""
     beat = tmp_path / "beat"
@@ -114,10 +115,14 @@ def test_sigterm_to_the_task_process_cancels_the_ray_task(tmp_path: Path) -> Non
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
+        # A fresh interpreter's first dag.test(): 53-75 s on an idle machine, over 120 s with stress-ng keeping
+        # both cores busy beside the suite (run 12 of benchmarks/results/suite_tiers.md).
+        deadline = time.monotonic() + 300
         while not beat.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
-        assert beat.exists(), f"the Ray task never started: {proc.communicate(timeout=30)[0][-3000:]}"
+        if not beat.exists():
+            proc.kill()
+            pytest.fail(f"the Ray task never started: {proc.communicate(timeout=60)[0][-3000:]}")
         proc.send_signal(signal.SIGTERM)
         _assert_stopped(beat, seconds=15)  # well before the 60 s lease could have reaped it
         output = proc.communicate(timeout=60)[0]
