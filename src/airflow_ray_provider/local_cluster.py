@@ -121,10 +121,14 @@ _PORTS_KEPT = 4096  # the newest entries of the file; enough for hundreds of hea
 _PORT_ATTEMPTS = 20_000
 
 
+def user_cache_dir() -> Path:
+    """The provider's folder in the user's cache (``$XDG_CACHE_HOME`` or ``~/.cache``), as the Makefile's."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "airflow-ray-provider"
+
+
 def handed_out_ports_file() -> Path:
-    """The file that lists the ports free_ports handed out recently (``$XDG_CACHE_HOME`` or ``~/.cache``)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "airflow-ray-provider" / "handed-out-ports"
+    """The file that lists the ports free_ports handed out recently."""
+    return user_cache_dir() / "handed-out-ports"
 
 
 def _read_handed_out(path: Path, now: float) -> dict[int, float]:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from filelock import FileLock
 
+from airflow_ray_provider.local_cluster import user_cache_dir
 from tests.support import postgres
 from tests.support.s3server import BUCKET, S3_ACCESS_KEY, S3_SECRET_KEY, SeaweedS3, aws_connection, weed_binary
 
@@ -32,7 +33,7 @@ SERVICE_FIXTURES = frozenset({"airflow_db", "ray_cluster", "s3_endpoint", "pg_da
                               "migrated_sqlite", "ray_connection"})
 SESSION_HEAD_NAMESPACE = "tests"
 # Migrated metadata DBs, one per virtualenv (migrated_sqlite); beside the uv cache the Makefile keeps.
-MIGRATED_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "airflow-ray-provider" / "migrated"
+MIGRATED_CACHE = user_cache_dir() / "migrated"
 SESSION_HEAD_CPUS = 4  # logical: a few Ray tasks run at once on the 2 cores
 
 
