@@ -110,19 +110,21 @@ smoke: versions
 	done; \
 	echo "smoke (both): $$(( $$(date +%s) - start )) s" | tee -a $(TIMES); exit $$status
 
-# Cheapest first: lint, unit, then the integration tier with the smoke runs beside it (both wait more than they
-# compute: 660 s together against 764 + 136 one after the other, benchmarks/results/suite_tiers.md), then the
-# system tier alone (CPU-bound: 79% of 2 cores in run 8; beside the others, until 1c55f0c, it kept the load
-# average at 8-18 and Ray's fixed startup windows failed heads). Five sessions start at once here: run 9 failed
-# when two were handed the same free port, which free_ports now keeps from other processes (PORT_HOLD_S). Every
-# tier runs even when an earlier one failed, so CI shows all failures at once; smoke's output comes after the
-# integration tier's.
+# Lint first, then the integration tier with the smoke runs and then the unit tier beside it (the smoke runs wait
+# more than they compute: 660 s together against 764 + 136 one after the other, benchmarks/results/suite_tiers.md;
+# the unit tier, 1 minute and 1 core, fills the integration tier's last 7 minutes, which the smoke runs leave),
+# then the system tier alone (CPU-bound: 79% of 2 cores in run 8; beside the others, until 1c55f0c, it kept the
+# load average at 8-18 and Ray's fixed startup windows failed heads). Five sessions start at once here: run 9
+# failed when two were handed the same free port, which free_ports now keeps from other processes (PORT_HOLD_S).
+# Every tier runs even when an earlier one failed, so CI shows all failures at once; the smoke and unit output
+# comes after the integration tier's.
 test:
-	@rm -f $(TIMES) .smoke.log; start=$$(date +%s); status=0; \
-	for target in lint test-unit versions; do $(MAKE) --no-print-directory $$target || status=1; done; \
-	$(MAKE) --no-print-directory smoke > .smoke.log 2>&1 & smoke=$$!; \
+	@rm -f $(TIMES) .smoke.log .unit.log; start=$$(date +%s); status=0; \
+	for target in lint versions; do $(MAKE) --no-print-directory $$target || status=1; done; \
+	( rc=0; $(MAKE) --no-print-directory smoke > .smoke.log 2>&1 || rc=1; \
+	  $(MAKE) --no-print-directory test-unit > .unit.log 2>&1 || rc=1; exit $$rc ) & beside=$$!; \
 	$(MAKE) --no-print-directory test-integration || status=1; \
-	wait $$smoke || status=1; cat .smoke.log; rm -f .smoke.log; \
+	wait $$beside || status=1; cat .smoke.log .unit.log; rm -f .smoke.log .unit.log; \
 	$(MAKE) --no-print-directory test-system || status=1; \
 	echo "== wall times (make test, budget 30 minutes)"; cat $(TIMES); \
 	echo "make test: $$(( $$(date +%s) - start )) s"; exit $$status

@@ -275,12 +275,14 @@ class Airflow:
         return wait_until(what, check, timeout, self.components, self.diagnostics, interval)
 
     def diagnostics(self) -> str:
-        parts = [c.tail() for c in self.components]
-        task_logs = sorted((self.home / "logs").rglob("*.log")) if (self.home / "logs").exists() else []
-        for task_log in task_logs:
+        """The task and trigger logs, the last written first, then each component's: CI keeps only the start
+        and the end of a long failure, and the log of what the test last waited on is usually the one to read."""
+        parts = []
+        task_logs = list((self.home / "logs").rglob("*.log")) if (self.home / "logs").exists() else []
+        for task_log in sorted(task_logs, key=lambda p: p.stat().st_mtime, reverse=True):
             lines = task_log.read_text(errors="replace").splitlines()[-30:]
             parts.append(f"===== {task_log.relative_to(self.home)} (last 30 lines) =====\n" + "\n".join(lines))
-        return "\n\n".join(parts)
+        return "\n\n".join(parts + [c.tail() for c in self.components])
 
     def stop(self) -> list[psutil.Process]:
         return stop_all(self.components)

@@ -13,21 +13,23 @@ import pytest
 
 from tests.support.lanes import longest_first
 
-# Slowest first (wall s of each module in one lane, this stop's runs: benchmarks/results/suite_tiers.md, "Lanes");
-# the rest keep their collection order.
+# Slowest first (wall s of each module in one lane, run 11 of benchmarks/results/suite_tiers.md, 3 lanes; the
+# concurrent-start and saved-token tests of test_local_cluster.py now share a head, about 60 s); the rest keep
+# their collection order. A lane also takes its next module when two or fewer of its tests are left
+# (pytest-xdist's LoadScopeScheduling), so this is longest-first, not exact.
 LONGEST_FIRST = (
-    "cluster/test_try_cleanup.py",  # 330-390
-    "test_example_dags.py",  # 250
-    "hooks/test_cluster_addresses.py",  # 244
-    "deployment/test_netns_topology.py",  # 216-296
-    "test_local_cluster.py",  # 222
-    "triggers/test_deferrable.py",  # 200-220
-    "ui/test_task_ui.py",  # 177
-    "operators/test_durable.py",  # 145
-    "hooks/test_cluster_restart.py",  # 139
-    "test_bundle_stock_ray.py",  # 121-134
-    "ui/test_connection_ui.py",  # 98-132
-    "test_scheduler_postgres.py",  # 83
+    "cluster/test_try_cleanup.py",  # 378
+    "test_example_dags.py",  # 364
+    "test_local_cluster.py",  # 343
+    "hooks/test_cluster_addresses.py",  # 299
+    "deployment/test_netns_topology.py",  # 285
+    "ui/test_task_ui.py",  # 233
+    "triggers/test_deferrable.py",  # 201
+    "test_bundle_stock_ray.py",  # 198
+    "operators/test_durable.py",  # 149
+    "hooks/test_cluster_restart.py",  # 138
+    "test_scheduler_postgres.py",  # 130
+    "ui/test_connection_ui.py",  # 103
 )
 
 

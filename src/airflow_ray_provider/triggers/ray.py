@@ -37,6 +37,13 @@ USER_ACTION_CANCEL_MSG = "__airflow_user_action__"
 # by [triggerer] on_kill_timeout (30 s), leaving time for the cancel itself. 10 s ran out on the loaded 2-core
 # test machine for a triggerer started seconds before, which left the run to its lease (180 s).
 TASK_STATE_TIMEOUT_S = 20.0
+# The triggerer answers a trigger's Task SDK calls through an execution API it builds in its own process on the
+# first such call (airflow/jobs/triggerer_job_runner.py, in_process_api_server): 10 s of a loaded 2-core
+# machine, during which its supervisor answers nothing. A freshly started triggerer would spend that inside
+# the first on_kill's TASK_STATE_TIMEOUT_S, so the first trigger run in a triggerer process reads its task's
+# state once at start (discarding it), and a user action later finds the API built.
+STATE_API_READY = "Task state API of this triggerer ready"
+_state_api_warm: asyncio.Task[None] | None = None
 MIN_POLL_INTERVAL_S = 0.1
 MAX_POLL_INTERVAL_S = 60.0
 DEFERRED = "deferred"
@@ -98,6 +105,7 @@ class RayRunTrigger(BaseTrigger):
                 f"{self.ray_conn_id!r}): the trigger row is not signed by this deployment ([ray] secret_key); "
                 f"it was altered, or made by a deployment with another secret")})
             return
+        self._warm_state_api()
         client = watcher.get_client(self.ray_conn_id)
         unreachable_since: float | None = None
         # poll_interval is not signed (it decides nothing in Ray), so it is clamped: below 0.1 s it would
@@ -143,6 +151,24 @@ class RayRunTrigger(BaseTrigger):
             if not (exc.args and exc.args[0] == USER_ACTION_CANCEL_MSG) or self._timed_out():
                 await self._cancel_run_if_abandoned("the trigger was cancelled")
             raise
+
+    def _warm_state_api(self) -> None:
+        """Start the one read per triggerer process that builds its execution API (see STATE_API_READY)."""
+        global _state_api_warm
+        if _state_api_warm is not None or self.task_instance is None:
+            return
+
+        async def warm() -> None:
+            started = time.monotonic()
+            try:
+                await self.safe_to_cancel()
+            except Exception as exc:  # noqa: BLE001 - a warm-up only: on_kill reads (and reports) again
+                self.log.info("Could not read the task's state ahead of time (%s: %s)", type(exc).__name__, exc)
+                return
+            self.log.info("%s (%.1fs)", STATE_API_READY, time.monotonic() - started)
+
+        # Held in a module global: the loop keeps only a weak reference to a task.
+        _state_api_warm = asyncio.get_running_loop().create_task(warm(), name="ray-trigger-state-api-warm-up")
 
     def _timed_out(self) -> bool:
         """Whether the triggerer's ``timeout_after`` for this trigger has passed (set when it runs one)."""

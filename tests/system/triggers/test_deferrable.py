@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_ray_provider.triggers.ray import STATE_API_READY
 from scripts.local_topology import Airflow, TopologyError
 from tests.support import ROOT
 from tests.support.deployment import intervals, max_overlap, release, started_under
@@ -139,6 +140,10 @@ def test_deferrable_tasks_free_slots_survive_a_triggerer_restart_and_cancel_when
         (new_id,) = set(after.values())
         airflow.wait("the new triggerer's watcher to be connected", lambda: _trigger_log_count(
             airflow.home, (RESTART, MARK_FAILED), WATCHER_READY, new_id) > 0, 300)
+        # ...and its execution API built (a new triggerer builds it on a trigger's first Task SDK call: 10 s of
+        # a loaded machine, which on_kill's state read then waited through; CI once ran out of its 20 s).
+        airflow.wait("the new triggerer's task state API to be ready", lambda: _trigger_log_count(
+            airflow.home, (RESTART, MARK_FAILED), STATE_API_READY, new_id) > 0, 300)
 
         # 4. Mark the other deferred task failed: its Ray task is cancelled.
         api.ok("PATCH", f"/api/v2/dags/{MARK_FAILED}/dagRuns/{runs[MARK_FAILED]}/taskInstances/body",
