@@ -72,14 +72,17 @@ def why(output: str, limit: int = 9000, tail: int = 3000) -> str:
     """What an assertion shows of a run's output: its error lines, each with the lines after it, then the tail.
 
     A task that failed early (a try that was retried, an upstream) says why far above the end of a long
-    output, which is all a plain ``output[-N:]`` would show.
+    output, which is all a plain ``output[-N:]`` would show. When the error lines are too many, the first and
+    the last of them are shown.
     """
     lines = output.splitlines()
     picked: dict[int, None] = {}
     for i, line in enumerate(lines):
         if ERROR_LINE.search(line):
             picked.update(dict.fromkeys(range(i, min(i + 6, len(lines)))))
-    errors = "\n".join(lines[i] for i in picked)[: limit - tail]
+    errors, budget = "\n".join(lines[i] for i in picked), limit - tail
+    if len(errors) > budget:  # the first error (often an expected one: a killed try) and the last, which failed
+        errors = f"{errors[: budget // 2]}\n[... error lines left out ...]\n{errors[-budget // 2:]}"
     return f"--- error lines of the output ---\n{errors}\n--- its last {tail} characters ---\n{output[-tail:]}"
 
 
