@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.lanes import longest_first
+from tests.support.lanes import in_lane_order
 
-# Slowest first (wall s of each module in one lane, run 11 of benchmarks/results/suite_tiers.md, 3 lanes with the
-# smoke runs beside them); the rest keep their collection order.
-LONGEST_FIRST = (
+# Slowest first (wall s of each module in one lane, run 11 of benchmarks/results/suite_tiers.md); here that is
+# within 3 s of the best order benchmarks/lane_schedule.py finds on run 15's times. The rest keep their
+# collection order.
+LANE_ORDER = (
     "decorators/test_ray.py",  # 457
     "cluster/test_owner.py",  # 438
     "test_example_dags.py",  # 376
@@ -29,7 +30,7 @@ LONGEST_FIRST = (
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    longest_first(items, Path(__file__).resolve().parent, LONGEST_FIRST)
+    in_lane_order(items, Path(__file__).resolve().parent, LANE_ORDER)
 
 
 @pytest.fixture(scope="session", autouse=True)
