@@ -24,8 +24,10 @@ from typing import Any
 import pytest
 from filelock import FileLock
 
-from airflow_ray_provider.local_cluster import user_cache_dir
+from airflow_ray_provider.exceptions import LocalClusterError
+from airflow_ray_provider.local_cluster import LocalRayCluster, user_cache_dir
 from tests.support import postgres
+from tests.support.heads import head_start_logs
 from tests.support.s3server import BUCKET, S3_ACCESS_KEY, S3_SECRET_KEY, SeaweedS3, aws_connection, weed_binary
 
 # What a unit test may not ask for: each starts or needs a service.
@@ -140,9 +142,6 @@ def ray_cluster(airflow_home: Path) -> Iterator[str]:
     Started with the provider's own launcher under a separate home, then reached through an explicit
     ``host:port`` connection that carries its token, as users of a shared cluster do.
     """
-    from airflow_ray_provider.exceptions import LocalClusterError
-    from airflow_ray_provider.local_cluster import LocalRayCluster
-
     cluster = LocalRayCluster(airflow_home / "session-ray", num_cpus=SESSION_HEAD_CPUS,
                               resources={"session_head": 1})
     try:
@@ -158,18 +157,6 @@ def ray_cluster(airflow_home: Path) -> Iterator[str]:
         if ray.is_initialized():
             ray.shutdown()
         cluster.stop()
-
-
-def head_start_logs(cluster: Any, lines: int = 40) -> str:
-    """The tails of a head's start log and of its last session's GCS and raylet logs, for a failure message."""
-    temp = Path(cluster.temp_dir)
-    sessions = sorted([*temp.glob("session_2*"), *temp.glob("ray/session_2*")], key=lambda p: p.stat().st_mtime)
-    paths = [Path(cluster.log_file)]
-    if sessions:
-        paths += [sessions[-1] / "logs" / name for name in ("gcs_server.out", "gcs_server.err", "raylet.out",
-                                                             "raylet.err")]
-    return "".join(f"\n--- {path} (last {lines} lines)\n" + "\n".join(
-        path.read_text(errors="replace").splitlines()[-lines:]) for path in paths if path.exists())
 
 
 def _identity(conn: dict[str, Any]) -> tuple[Any, ...]:

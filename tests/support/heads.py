@@ -20,6 +20,18 @@ def file_mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
+def head_start_logs(cluster: LocalRayCluster, lines: int = 40) -> str:
+    """The tails of a head's start log and of its last session's GCS and raylet logs, for a failure message (the
+    head's temp folder is gone by the time CI shows one)."""
+    sessions = sorted(cluster.ray_temp_dir.glob("session_2*"), key=lambda p: p.stat().st_mtime)
+    paths = [cluster.log_file]
+    if sessions:
+        paths += [sessions[-1] / "logs" / name for name in ("gcs_server.out", "gcs_server.err", "raylet.out",
+                                                             "raylet.err")]
+    return "".join(f"\n--- {path} (last {lines} lines)\n" + "\n".join(
+        path.read_text(errors="replace").splitlines()[-lines:]) for path in paths if path.exists())
+
+
 def forge_state(cluster: LocalRayCluster, pid: int, **fields: object) -> None:
     """A state file naming ``pid`` as the head's session, as an older version (or an attacker) would write it."""
     cluster.home.mkdir(parents=True, exist_ok=True)

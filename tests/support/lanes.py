@@ -24,5 +24,5 @@ def in_lane_order(items: list[pytest.Item], tier: Path, order: tuple[str, ...]) 
         relative = path.relative_to(tier).as_posix()
         return order.index(relative) if relative in order else len(order)
 
-    order = {id(item): n for n, item in enumerate(sorted(items, key=rank))}  # stable: a module stays whole
-    items.sort(key=lambda item: order[id(item)])
+    position = {id(item): n for n, item in enumerate(sorted(items, key=rank))}  # stable: a module stays whole
+    items.sort(key=lambda item: position[id(item)])
