@@ -37,7 +37,8 @@ SYSTEM_LANES ?= 3
 TIMES := .test-times
 timed = @start=$$(date +%s); $(2) || exit $$?; echo "$(1): $$(( $$(date +%s) - start )) s" | tee -a $(TIMES)
 
-.PHONY: example test test-unit test-integration test-system smoke lint browser stock-ray versions clean
+.PHONY: example test test-unit test-integration test-system test-system-beside test-system-rest smoke lint browser \
+	stock-ray versions clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)/uv-$(UV_VERSION)
@@ -92,6 +93,13 @@ test-integration: $(VENV)/.installed
 # started the UI tests' API server and DAG runs, and two heads, once in each lane.
 test-system: $(VENV)/.installed stock-ray versions browser
 	$(call timed,system tier,$(PY) $(PYTEST) -n $(SYSTEM_LANES) --dist loadfile --no-loadscope-reorder tests/system)
+# `make test` splits the system tier in two (tests/system/conftest.py, BESIDE_INTEGRATION): a few modules in one
+# lane beside the integration tier, which leaves a quarter of both cores idle, and the rest in lanes after it.
+test-system-beside: $(VENV)/.installed stock-ray versions browser
+	$(call timed,system tier beside integration,$(PY) $(PYTEST) -m beside_integration tests/system)
+test-system-rest: $(VENV)/.installed stock-ray versions browser
+	$(call timed,system tier after integration,$(PY) $(PYTEST) -n $(SYSTEM_LANES) --dist loadfile \
+		--no-loadscope-reorder -m "not beside_integration" tests/system)
 
 # The tests marked `smoke` on the oldest and newest supported combinations, the two side by side (each waits
 # more than it computes, as the integration tier does); each one's output is printed whole when it ends.
@@ -110,22 +118,26 @@ smoke: versions
 	done; \
 	echo "smoke (both): $$(( $$(date +%s) - start )) s" | tee -a $(TIMES); exit $$status
 
-# Lint first, then the integration tier with the smoke runs and then the unit tier beside it (the smoke runs wait
-# more than they compute: 660 s together against 764 + 136 one after the other, benchmarks/results/suite_tiers.md;
-# the unit tier, 1 minute and 1 core, fills the integration tier's last 7 minutes, which the smoke runs leave),
-# then the system tier alone (CPU-bound: 79% of 2 cores in run 8; beside the others, until 1c55f0c, it kept the
-# load average at 8-18 and Ray's fixed startup windows failed heads). Five sessions start at once here: run 9
-# failed when two were handed the same free port, which free_ports now keeps from other processes (PORT_HOLD_S).
-# Every tier runs even when an earlier one failed, so CI shows all failures at once; the smoke and unit output
-# comes after the integration tier's.
+# Lint first, then the integration tier with two jobs beside it: the smoke runs and then the unit tier (the smoke
+# runs wait more than they compute: 660 s together against 764 + 136 one after the other,
+# benchmarks/results/suite_tiers.md; the unit tier, 1 minute and 1 core, fills the time they leave), and the
+# system modules marked beside_integration (run 16: the integration phase used 73% of both cores, the system tier
+# 92%). Then the rest of the system tier (CPU-bound). Until 1c55f0c the whole system tier ran beside the others:
+# the load average stayed at 8-18 and Ray's fixed 15 s window for a new head's agents failed heads; a head's
+# session now starts at a raised priority (local_cluster.START_PRIORITY_BOOST, benchmarks/head_start_load.py).
+# Six sessions start at once here: run 9 failed when two were handed the same free port, which free_ports now
+# keeps from other processes (PORT_HOLD_S). Every tier runs even when an earlier one failed, so CI shows all
+# failures at once; the output of the jobs beside the integration tier comes after its own.
 test:
-	@rm -f $(TIMES) .smoke.log .unit.log; start=$$(date +%s); status=0; \
-	for target in lint versions; do $(MAKE) --no-print-directory $$target || status=1; done; \
+	@rm -f $(TIMES) .smoke.log .unit.log .system-beside.log; start=$$(date +%s); status=0; \
+	for target in lint versions stock-ray browser; do $(MAKE) --no-print-directory $$target || status=1; done; \
 	( rc=0; $(MAKE) --no-print-directory smoke > .smoke.log 2>&1 || rc=1; \
 	  $(MAKE) --no-print-directory test-unit > .unit.log 2>&1 || rc=1; exit $$rc ) & beside=$$!; \
+	$(MAKE) --no-print-directory test-system-beside > .system-beside.log 2>&1 & system_beside=$$!; \
 	$(MAKE) --no-print-directory test-integration || status=1; \
-	wait $$beside || status=1; cat .smoke.log .unit.log; rm -f .smoke.log .unit.log; \
-	$(MAKE) --no-print-directory test-system || status=1; \
+	wait $$beside || status=1; wait $$system_beside || status=1; \
+	cat .smoke.log .unit.log .system-beside.log; rm -f .smoke.log .unit.log .system-beside.log; \
+	$(MAKE) --no-print-directory test-system-rest || status=1; \
 	echo "== wall times (make test, budget 30 minutes)"; cat $(TIMES); \
 	echo "make test: $$(( $$(date +%s) - start )) s"; exit $$status
 

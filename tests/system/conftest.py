@@ -13,28 +13,39 @@ import pytest
 
 from tests.support.lanes import in_lane_order
 
-# The order benchmarks/lane_schedule.py found best on run 15's test times (benchmarks/results/lane_schedule.md):
-# 1088 s on average over times perturbed by up to 25% per module, against 1148 for slowest-first. A lane takes its
-# next module when two or fewer of its tests are left, so a module of one or two tests is followed at once by
-# another in the same lane; slowest-first put the two longest such modules in one lane. Measured (run 16): the
-# lanes ended within 41 s of each other (151 s apart in run 15), but the tier took 1152 s against 1138: the tier is
-# CPU-bound, and with all three lanes busy to the end each module ran slower. Each module's wall s, run 15.
+# `make test` runs these modules beside the integration tier (marked beside_integration), the rest afterwards in
+# lanes. Run 16: the integration phase used 73% of both cores (the smoke and unit runs end 290 s before the
+# integration lanes do), the system tier alone 92% (CPU-bound), so system work moved into the first phase shortens
+# the second by more than it lengthens the first. Chosen to fit in the integration tier's ~770 s beside it and to
+# hold no short time window (no browser, no triggerer); each module's wall s, run 16.
+BESIDE_INTEGRATION = (
+    "test_bundle_stock_ray.py",  # 179
+    "hooks/test_cluster_restart.py",  # 134
+    "test_scheduler_postgres.py",  # 101
+    "hooks/test_version_mismatch.py",  # 85
+)
+# The order of the rest, slowest first (run 16's wall s). Before BESIDE_INTEGRATION, benchmarks/lane_schedule.py
+# found the order that kept three lanes' ends within 41 s (run 16) but the tier took as long (1152 s against
+# 1138): it is CPU-bound, so the order matters less than what runs in it.
 LANE_ORDER = (
-    "hooks/test_cluster_restart.py",  # 127
-    "triggers/test_deferrable.py",  # 307
-    "cluster/test_try_cleanup.py",  # 387
-    "operators/test_durable.py",  # 163
-    "hooks/test_cluster_addresses.py",  # 392
-    "test_example_dags.py",  # 417
-    "deployment/test_netns_topology.py",  # 344
-    "test_local_cluster.py",  # 297
-    "ui/test_connection_ui.py",  # 137
-    "ui/test_task_ui.py",  # 240
-    "test_bundle_stock_ray.py",  # 195
-    "hooks/test_version_mismatch.py",  # 22
-    "test_scheduler_postgres.py",  # 105
+    "test_example_dags.py",  # 496
+    "cluster/test_try_cleanup.py",  # 446
+    "deployment/test_netns_topology.py",  # 369
+    "hooks/test_cluster_addresses.py",  # 352
+    "test_local_cluster.py",  # 322
+    "ui/test_connection_ui.py",  # 260
+    "ui/test_task_ui.py",  # 226
+    "triggers/test_deferrable.py",  # 219
+    "operators/test_durable.py",  # 166
+    *BESIDE_INTEGRATION,  # when the whole tier runs (make test-system)
 )
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    in_lane_order(items, Path(__file__).resolve().parent, LANE_ORDER)
+    here = Path(__file__).resolve().parent
+    for item in items:
+        path = Path(str(item.path)).resolve()
+        if here in path.parents and path.relative_to(here).as_posix() in BESIDE_INTEGRATION:
+            item.add_marker(pytest.mark.beside_integration)
+    in_lane_order(items, here, LANE_ORDER)
