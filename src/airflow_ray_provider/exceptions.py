@@ -79,6 +79,11 @@ class SigningError(AirflowRayError, ValueError):
     """A secret is missing or unusable; the message says where it comes from."""
 
 
+class GatewayAuthError(AirflowRayError, PermissionError):
+    """A request to the gateway, or its answer, is not proven to come from this deployment (forged, altered,
+    stale or replayed); nothing of it was read further or unpickled. The message says which check failed."""
+
+
 # -- checkpoints -------------------------------------------------------------------------------
 class CheckpointError(AirflowRayError):
     """A checkpoint could not be written or read; the message names the location."""
