@@ -82,12 +82,14 @@ browser:
 test-unit: $(VENV)/.installed
 	$(call timed,unit tier,$(PY) $(PYTEST) tests/unit)
 
-# One Ray head, one S3 server, one migrated DB per lane; DAGs run in-process (budget: 12 minutes).
+# One Ray head, one S3 server, one migrated DB per lane; DAGs run in-process (budget: 15 minutes with make test's
+# other jobs beside it).
 test-integration: $(VENV)/.installed
 	$(call timed,integration tier,$(PY) $(PYTEST) -n $(INTEGRATION_LANES) --dist loadfile --no-loadscope-reorder tests/integration)
 
 # Own processes: the scheduler and triggerer, the API server and a browser, network namespaces, Celery,
-# heads killed or restarted, other versions (budget: 17 minutes in $(SYSTEM_LANES) lanes). A module's tests stay
+# heads killed or restarted, other versions (budget in make test: 14 minutes in $(SYSTEM_LANES) lanes after the
+# integration tier, what runs beside it hidden by it). A module's tests stay
 # in one lane (--dist loadfile), so its module-scoped fixtures start once. Not --dist loadgroup: with pytest 9.2
 # and pytest-xdist 3.8 it silently stops grouping (pytest-dev/pytest-xdist#1386), which until this change
 # started the UI tests' API server and DAG runs, and two heads, once in each lane.

@@ -106,7 +106,7 @@ def test_execution_timeout_cancels_the_ray_task(tmp_path: Path) -> None:
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(720)
 def test_sigterm_to_the_task_process_cancels_the_ray_task(tmp_path: Path) -> None:
     """Marking a running task failed or stopping its worker sends SIGTERM: Airflow calls on_kill."""
     beat = tmp_path / "beat"
@@ -116,8 +116,9 @@ def test_sigterm_to_the_task_process_cancels_the_ray_task(tmp_path: Path) -> Non
                             stderr=subprocess.STDOUT, text=True)
     try:
         # A fresh interpreter's first dag.test(): 53-75 s on an idle machine, over 120 s with stress-ng keeping
-        # both cores busy beside the suite (run 12 of benchmarks/results/suite_tiers.md).
-        deadline = time.monotonic() + 300
+        # both cores busy beside the suite (run 12 of benchmarks/results/suite_tiers.md), 264 s in run 20 and
+        # over 300 s in run 19 (with a second copy of this module running beside the suite).
+        deadline = time.monotonic() + 540
         while not beat.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
         if not beat.exists():
