@@ -129,10 +129,16 @@ def pg_database(pg_template: str) -> Iterator[str]:
 
 
 # -- Ray -------------------------------------------------------------------------------------------------------
+# A new driver's connect on a loaded 2-core machine: the default 30 s is for users; under stress-ng beside the
+# suite the Test button's probe process (a fresh interpreter) failed its connect (run 20).
+SESSION_CONNECT_TIMEOUT_S = 120
+
+
 def session_connection(address: str, token: str | None, **extra: Any) -> dict[str, Any]:
     """The ``ray_default`` connection to the session head, with ``extra`` over its extras."""
     return {"conn_type": "ray", "password": token,
-            "extra": {"address": address, "namespace": SESSION_HEAD_NAMESPACE, **extra}}
+            "extra": {"address": address, "namespace": SESSION_HEAD_NAMESPACE,
+                      "connect_timeout": SESSION_CONNECT_TIMEOUT_S, **extra}}
 
 
 @pytest.fixture(scope="session")
