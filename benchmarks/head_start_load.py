@@ -8,8 +8,8 @@ average the suite reaches, run 17: median 10, p90 15). Heads start one after ano
 ``START_PRIORITY_BOOST`` 10 and 0 (the old behaviour) so both see the same machine. Each start is
 ``LocalRayCluster.ensure_running()`` as Airflow calls it, retries included: a start the raylet aborted (its
 dashboard agent missed Ray's fixed 15 s window) shows as a failed attempt in the head's log and costs the time
-the retries took. Needs root (or
-CAP_SYS_NICE) for the boost to take effect; writes benchmarks/results/head_start_load.md.
+the retries took. Needs root (or CAP_SYS_NICE) for the boost to take effect; writes
+benchmarks/results/head_start_load.md.
 """
 
 from __future__ import annotations

@@ -843,7 +843,7 @@ def _raise_priority(pid: int, levels: int) -> CallerPriority | None:
 def _restore_priority(pids: list[int], caller: CallerPriority) -> None:
     """Set ``pids`` (a head's processes, one session) back to ``caller``'s levels, every thread of each: Linux
     keeps a nice level per thread, and a process forked by any of the raylet's threads (a worker) inherits that
-    thread's."""
+    thread's. Their session is one CPU group: set through the first of them still running."""
     for pid in pids:
         try:
             threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
@@ -851,8 +851,8 @@ def _restore_priority(pids: list[int], caller: CallerPriority) -> None:
             threads = [pid]  # no /proc: the process alone
         for tid in threads:
             _set_priority(tid, caller.nice)
-        if caller.group_nice is not None:
-            _set_group_nice(pid, caller.group_nice)
+    if caller.group_nice is not None:
+        any(_set_group_nice(pid, caller.group_nice) for pid in pids)
 
 
 def _group_nice(pid: int) -> int | None:

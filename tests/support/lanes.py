@@ -14,15 +14,18 @@ from pathlib import Path
 import pytest
 
 
+def module_in(item: pytest.Item, tier: Path) -> str | None:
+    """``item``'s module as a path relative to ``tier`` (``"hooks/test_ray.py"``), or ``None`` outside it."""
+    path = Path(str(item.path)).resolve()
+    return path.relative_to(tier).as_posix() if tier in path.parents else None
+
+
 def in_lane_order(items: list[pytest.Item], tier: Path, order: tuple[str, ...]) -> None:
     """Sort ``items`` in place: the modules of ``tier`` named in ``order`` (paths relative to ``tier``), in that
     order, then the tier's other modules and any item outside it, each in collection order."""
     def rank(item: pytest.Item) -> int:
-        path = Path(str(item.path)).resolve()
-        if tier not in path.parents:
-            return len(order)
-        relative = path.relative_to(tier).as_posix()
-        return order.index(relative) if relative in order else len(order)
+        module = module_in(item, tier)
+        return order.index(module) if module in order else len(order)
 
     position = {id(item): n for n, item in enumerate(sorted(items, key=rank))}  # stable: a module stays whole
     items.sort(key=lambda item: position[id(item)])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.lanes import in_lane_order
+from tests.support.lanes import in_lane_order, module_in
 
 # `make test` runs these modules beside the integration tier (marked beside_integration), the rest afterwards in
 # lanes. Run 16: the integration phase used 73% of both cores (the smoke and unit runs end 290 s before the
@@ -45,7 +45,6 @@ LANE_ORDER = (
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     here = Path(__file__).resolve().parent
     for item in items:
-        path = Path(str(item.path)).resolve()
-        if here in path.parents and path.relative_to(here).as_posix() in BESIDE_INTEGRATION:
+        if module_in(item, here) in BESIDE_INTEGRATION:
             item.add_marker(pytest.mark.beside_integration)
     in_lane_order(items, here, LANE_ORDER)

@@ -23,6 +23,7 @@ from airflow_ray_provider.local_cluster import (
     START_PRIORITY_BOOST,
     LocalClusterState,
     LocalRayCluster,
+    _group_nice,
     listening_sockets,
     port_open,
     read_token_file,
@@ -309,7 +310,7 @@ def test_a_failed_start_is_tried_again_and_says_why(tmp_path: Path, caplog: pyte
     """
     real_ray = Path(sys.executable).with_name("ray")
     marker, wrapper, levels = tmp_path / "failed-once", tmp_path / "ray", tmp_path / "levels"
-    nice, group_nice = os.getpriority(os.PRIO_PROCESS, 0), _group_nice("self")
+    nice, group_nice = os.getpriority(os.PRIO_PROCESS, 0), _group_nice(os.getpid())
     wrapper.write_text(f"#!/bin/sh\nif [ ! -e {marker} ]; then touch {marker}; echo 'Exception: The current node "
                        f"timed out during startup. This could happen because some of the raylet failed to startup or "
                        f"the GCS has become overloaded.'; exit 1; fi\n"
@@ -329,7 +330,7 @@ def test_a_failed_start_is_tried_again_and_says_why(tmp_path: Path, caplog: pyte
         expected = [nice, group_nice] if os.geteuid() != 0 else [
             max(-20, level - START_PRIORITY_BOOST) if level is not None else None for level in (nice, group_nice)]
         assert levels.read_text().split() == [str(level) for level in expected if level is not None]
-        head = [proc for proc in psutil.process_iter() if _session_of(proc.pid) == state.session_id]
+        head = LocalRayCluster._session_processes(state.session_id)
         assert {proc.name() for proc in head} >= {"raylet", "gcs_server"}
         for proc in head:  # set back, every thread: a worker the raylet forks inherits its thread's level
             assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in proc.threads()} == {nice}, proc
@@ -337,17 +338,3 @@ def test_a_failed_start_is_tried_again_and_says_why(tmp_path: Path, caplog: pyte
     finally:
         cluster.stop()
 
-
-def _group_nice(pid: int | str) -> int | None:
-    """The nice level of ``pid``'s autogroup (its session's CPU group), or ``None`` where the kernel has none."""
-    try:
-        return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
-    except OSError:
-        return None
-
-
-def _session_of(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return None
