@@ -712,7 +712,7 @@ class LocalRayCluster:
                 env=env, start_new_session=True, umask=0o077,
             )
             # Before `ray start` forks anything (its imports alone take a second): its children inherit the level.
-            caller_priority = _raise_priority(proc.pid, START_PRIORITY_BOOST)
+            unboosted = _raise_priority(proc.pid, START_PRIORITY_BOOST)
             try:
                 leader_created = psutil.Process(proc.pid).create_time()
             except psutil.Error:
@@ -728,8 +728,8 @@ class LocalRayCluster:
             self._kill_session(proc.pid, not_before=leader_created)
             raise LocalClusterError(f"`ray start --head` failed (exit code {rc}); see {self.log_file}")
         members = [p for p in self._session_processes(proc.pid) if _created_since(p, leader_created)]
-        if caller_priority is not None:
-            _restore_priority([member.pid for member in members], caller_priority)
+        if unboosted is not None:
+            _restore_priority([member.pid for member in members], unboosted)
         marks = tuple(_mark(p) for p in members if _name(p) in _MARKED_PROCESSES)
         if not marks:
             self._kill(members)
@@ -818,30 +818,35 @@ def _is_running(proc: psutil.Process) -> bool:
 
 
 @dataclass(frozen=True)
-class CallerPriority:
-    """This process's CPU priority, to set a started head back to: its nice level and, where the kernel groups
-    processes by session for CPU shares (autogroup), its session's group's nice level (else ``None``)."""
+class HeadPriority:
+    """The CPU priority a new head's session would have had unboosted, to set it back to once started: its nice
+    level (the caller's, inherited) and, where the kernel groups processes by session for CPU shares
+    (autogroup), its session's group's nice level (a new session's group starts at 0), else ``None``."""
 
     nice: int
     group_nice: int | None
 
 
-def _raise_priority(pid: int, levels: int) -> CallerPriority | None:
-    """Give ``pid`` (a new session's leader) ``levels`` nice levels above this process; where sessions are CPU
-    groups (autogroup, on by default in most distributions' kernels), raise its session's group too, since the
-    kernel shares CPU between groups first and a process's own level only counts inside its group. ``None`` if
-    neither could be raised (only root or CAP_SYS_NICE may go above their own level)."""
+def _raise_priority(pid: int, levels: int) -> HeadPriority | None:
+    """Give ``pid`` (a new session's leader) ``levels`` nice levels above its own; where sessions are CPU groups
+    (autogroup, on by default in most distributions' kernels), raise its session's group too, since the kernel
+    shares CPU between groups first and a process's own level only counts inside its group. ``None`` if neither
+    could be raised (only root or CAP_SYS_NICE may go above their own level).
+
+    The group's level is read from the head's own session, not the caller's: the caller may sit in no autogroup
+    at all (a session older than autogroup, e.g. a container's first), while the head's new session has one (CI
+    saw an empty ``/proc/self/autogroup`` in the test process and "nice 0" in the head's)."""
     if levels <= 0:
         return None
-    caller = CallerPriority(os.getpriority(os.PRIO_PROCESS, 0), _group_nice(os.getpid()))
-    raised = _set_priority(pid, max(-20, caller.nice - levels))
-    if caller.group_nice is not None:
-        raised = _set_group_nice(pid, max(-20, caller.group_nice - levels)) or raised
-    return caller if raised else None
+    unboosted = HeadPriority(os.getpriority(os.PRIO_PROCESS, 0), _group_nice(pid))
+    raised = _set_priority(pid, max(-20, unboosted.nice - levels))
+    if unboosted.group_nice is not None:
+        raised = _set_group_nice(pid, max(-20, unboosted.group_nice - levels)) or raised
+    return unboosted if raised else None
 
 
-def _restore_priority(pids: list[int], caller: CallerPriority) -> None:
-    """Set ``pids`` (a head's processes, one session) back to ``caller``'s levels, every thread of each: Linux
+def _restore_priority(pids: list[int], unboosted: HeadPriority) -> None:
+    """Set ``pids`` (a head's processes, one session) back to ``unboosted``'s levels, every thread of each: Linux
     keeps a nice level per thread, and a process forked by any of the raylet's threads (a worker) inherits that
     thread's. Their session is one CPU group: set through the first of them still running."""
     for pid in pids:
@@ -850,14 +855,14 @@ def _restore_priority(pids: list[int], caller: CallerPriority) -> None:
         except OSError:
             threads = [pid]  # no /proc: the process alone
         for tid in threads:
-            _set_priority(tid, caller.nice)
-    if caller.group_nice is not None:
-        any(_set_group_nice(pid, caller.group_nice) for pid in pids)
+            _set_priority(tid, unboosted.nice)
+    if unboosted.group_nice is not None:
+        any(_set_group_nice(pid, unboosted.group_nice) for pid in pids)
 
 
 def _group_nice(pid: int) -> int | None:
     """The nice level of ``pid``'s session's CPU group (``/proc/<pid>/autogroup``: "/autogroup-85 nice 0"), or
-    ``None`` where the kernel has no such groups."""
+    ``None`` where the kernel has no such groups or ``pid``'s session is in none (the file is then empty)."""
     try:
         return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
     except (OSError, ValueError, IndexError):
