@@ -37,7 +37,9 @@ def source_files(root: Path = _SOURCE) -> list[Path]:
     for name in SHIPPED:
         path = root / name
         if path.is_dir():
-            files.extend(p.relative_to(root) for p in sorted(path.rglob("*.py")) if "__pycache__" not in p.parts)
+            # Python and the gateway's published schema (cluster/openapi.json), nothing a build left behind.
+            files.extend(p.relative_to(root) for p in sorted(path.rglob("*"))
+                         if p.suffix in (".py", ".json") and "__pycache__" not in p.parts)
         else:
             files.append(Path(name))
     return files

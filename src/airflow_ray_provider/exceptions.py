@@ -29,6 +29,24 @@ class WatcherDied(WatcherUnavailable):
     """The watcher exited while a request was pending: the request is sent again to its successor."""
 
 
+class GatewayError(RayConnectionError):
+    """The gateway refused a request or could not be reached; ``status`` is its HTTP status (0: no answer) and the
+    message names the gateway, the request and its reason."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class GatewayRequestError(AirflowRayError, ValueError):
+    """The gateway refuses a request it could authenticate: ``status`` (400 unless said) is its answer, and the
+    message names the field or the object that was wrong."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class LocalClusterError(AirflowRayError, RuntimeError):
     """The embedded Ray head could not be started, found or stopped."""
 

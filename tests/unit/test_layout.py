@@ -42,13 +42,23 @@ def test_the_cluster_package_imports_no_airflow() -> None:
     assert loaded == [], f"cluster-side modules pulled in Airflow: {loaded}"
 
 
+def test_the_gateway_client_imports_no_ray() -> None:
+    """An Airflow process that reaches the cluster through the gateway needs no Ray installed (issue 24)."""
+    loaded = _fresh(
+        "import json, sys\n"
+        "import airflow_ray_provider.gateway_client\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))))\n"
+    )
+    assert loaded == [], f"the gateway client pulled in Ray: {loaded}"
+
+
 def test_the_bundle_holds_exactly_the_cluster_side_code(airflow_home: Path) -> None:
     staged = Path(bundle.bundle_dir())
     assert staged.name == "airflow_ray_provider"
     assert str(staged).startswith(str(airflow_home))
-    shipped = sorted(str(p.relative_to(staged)) for p in staged.rglob("*.py"))
+    shipped = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
     assert shipped == sorted(str(p) for p in bundle.source_files())
-    assert "exceptions.py" in shipped and "cluster/worker.py" in shipped
+    assert {"exceptions.py", "cluster/worker.py", "cluster/openapi.json"} <= set(shipped)
     assert not any(p.startswith(("hooks", "xcom", "operators", "decorators")) for p in shipped), shipped
     assert (staged.parent.parent.stat().st_mode & 0o077) == 0, "the bundle folder must be private"
     # Every shipped module imports from the staged copy alone (no site-packages: no Airflow, no provider).

@@ -180,7 +180,7 @@ class TaskOwner:
         # task's reply: a large result with no node yet is asked again, not fetched here or left without its
         # nodes in the XCom reference (seen in the two-node test, a worker node's 16 MiB array).
         for _ in range(_LOCATE_RETRIES):
-            if not (returned and located) or run.in_store or _cheap_to_fetch(run):
+            if not awaits_location(run, returned, located):
                 break
             await asyncio.sleep(_LOCATE_RETRY_S)
             located = _locate_now([run])
@@ -544,9 +544,19 @@ def _locate_now(runs: list[_Run]) -> bool:
 
 
 def _cheap_to_fetch(run: _Run) -> bool:
-    """Whether the Ray worker's own size estimate says the object is small enough to fetch here."""
+    """Whether the object is small enough to fetch here: by the size Ray measured (known once it is located),
+    else by the Ray worker's own estimate (only for types it can size: a list or dict has none)."""
+    if run.size is not None and run.size > 0:
+        return run.size <= _CHEAP_FETCH_BYTES
     estimate = (run.events.get("described") or {}).get("size_estimate")
     return isinstance(estimate, int) and estimate <= _CHEAP_FETCH_BYTES
+
+
+def awaits_location(run: _Run, returned: bool, located: bool) -> bool:
+    """Whether a finished run's object is asked for its location again before it is settled: only a large value
+    Ray has not placed on a node yet. A small one is inline in its task's reply and never gets a node; asking
+    again kept every small list or dict result (which the worker cannot size) waiting 10 s (the retries)."""
+    return returned and located and not run.in_store and not _cheap_to_fetch(run)
 
 
 # The keeper and the owner actors live on the head node. Worker nodes come and go (autoscaling, spot

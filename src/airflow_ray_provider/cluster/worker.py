@@ -17,6 +17,7 @@ import inspect
 import io
 import logging
 import os
+import pickle
 import sys
 import threading
 import time
@@ -34,6 +35,7 @@ from ray import cloudpickle
 from airflow_ray_provider.cluster import checkpoint as ckpt
 from airflow_ray_provider.cluster import ray_compat
 from airflow_ray_provider.cluster.describe import describe
+from airflow_ray_provider.cluster.gateway_api import CallEnvelope, HeldInput
 from airflow_ray_provider.exceptions import UpstreamObjectLost
 
 _FLUSH_INTERVAL_S = 0.2
@@ -384,8 +386,33 @@ def resolve_refs(value: Any) -> Any:
     return value
 
 
+def open_envelope(envelope: CallEnvelope) -> tuple[Any, ...]:
+    """The ``(callable bytes, args, kwargs[, job])`` of a call that came through the gateway, each ``HeldInput``
+    in its arguments replaced by the upstream ref the gateway looked up (resolved by ``resolve_refs``).
+
+    The payload was cloudpickled by the Airflow side and authenticated by the gateway (which never unpickles it):
+    only here, inside the user's Ray task, is it loaded."""
+    fn_bytes, args, kwargs, *job = pickle.loads(envelope.payload)
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, HeldInput):
+            if not 0 <= value.index < len(envelope.inputs):
+                raise ValueError(f"the call names input {value.index} ({value.label}) but has "
+                                 f"{len(envelope.inputs)} input(s)")
+            return UpstreamRef(envelope.inputs[value.index], value.label, value.checkpoint)
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(swap(v) for v in value)
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        return value
+
+    return (fn_bytes, swap(args), swap(kwargs), *job)
+
+
 @ray.remote
-def run_callable(payload: tuple[Any, ...], key: str, owner: Any) -> Any:
+def run_callable(payload: tuple[Any, ...] | CallEnvelope, key: str, owner: Any) -> Any:
     """Run one Airflow task's callable; its return value becomes the owner's object.
 
     ``payload`` is ``(callable bytes, args, kwargs)`` plus, for ``checkpoint=True``, a
@@ -399,6 +426,8 @@ def run_callable(payload: tuple[Any, ...], key: str, owner: Any) -> Any:
                task_id=ctx.get_task_id(), job_id=ctx.get_job_id(), worker_id=ctx.get_worker_id())
     sink.start()
     try:
+        if isinstance(payload, CallEnvelope):
+            payload = open_envelope(payload)
         fn_bytes, args, kwargs, job = (*payload, None)[:4]
         events: dict[str, Any] = {}
         result, manifest = _reuse(job, sink) if job is not None and job.reuse else (None, None)
@@ -480,3 +509,22 @@ def split_items(value: Any, names: list[Any] | None) -> tuple[Any, ...]:
 def adopt(payload: list[ray.ObjectRef]) -> Any:
     """Copy an object into one the caller (the owner actor) owns; used for plain tasks' large XComs."""
     return ray.get(payload[0])
+
+
+@ray.remote(num_cpus=0, num_returns="streaming")
+def value_frames(wrapped: list[ray.ObjectRef], frame_bytes: int) -> Iterator[bytes]:
+    """A held value's pickle, ``frame_bytes`` at a time, for the gateway to stream to a client outside Ray: the
+    gateway holds one frame at a time, never the value (Ray's generator backpressure bounds what waits).
+
+    Plain pickle where it can (any Python with the value's classes loads it), cloudpickle otherwise."""
+    value = ray.get(wrapped[0])
+    try:
+        data = pickle.dumps(value, protocol=5)
+    except Exception:  # noqa: BLE001 - e.g. a lambda inside the value: cloudpickle pickles it by value
+        data = cloudpickle.dumps(value, protocol=5)
+    del value
+    view = memoryview(data)
+    for start in range(0, len(view), frame_bytes):
+        yield bytes(view[start:start + frame_bytes])
+    if not view:
+        yield b""

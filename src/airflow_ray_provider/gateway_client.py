@@ -1,0 +1,165 @@
+"""The Airflow side of the gateway: one class in front of the cluster's HTTP door (issue 24; design:
+docs/design/gateway.md). It imports no Ray: a process that only talks to the gateway needs none installed.
+
+Every request is signed with the key derived from ``[ray] secret_key`` (``gateway_auth``); every answer is
+checked against that key and the request's nonce before anything of it is used, and a value is unpickled only
+after its whole stream matched the gateway's signed trailer.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import pickle
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import cloudpickle
+import httpx
+
+from airflow_ray_provider.cluster import gateway_api as api
+from airflow_ray_provider.cluster.gateway_auth import HEADER_NONCE, HEADER_SIGNATURE, sign_request, verify_response
+from airflow_ray_provider.exceptions import GatewayAuthError, GatewayError
+
+# Each answer is bounded: a poll waits up to its own ``wait`` inside the gateway, plus this.
+REQUEST_TIMEOUT_S = 60.0
+# A value larger than this is spooled to a temporary file while its stream is checked, not held in memory.
+SPOOL_BYTES = 64 * 1024 * 1024
+
+
+class GatewayClient:
+    """Calls the gateway at ``url`` (``http://host:port`` or ``https://…``) with the deployment's gateway key."""
+
+    def __init__(self, url: str, key: bytes, *, timeout: float = REQUEST_TIMEOUT_S,
+                 verify: bool | str = True) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"the gateway URL must be http(s)://host:port; got {url!r}")
+        self.url = url.rstrip("/")
+        self._base_path = parts.path.rstrip("/")
+        self._key = key
+        self._http = httpx.Client(timeout=timeout, verify=verify, follow_redirects=False)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> GatewayClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the API -----------------------------------------------------------------------------------------
+    def version(self) -> dict[str, Any]:
+        return self._json("GET", "/version")
+
+    def status(self) -> dict[str, Any]:
+        """The cluster's resources (total, available, per node) and its number of live nodes."""
+        return self._json("GET", "/status")
+
+    def openapi(self) -> dict[str, Any]:
+        return self._json("GET", "/openapi.json")
+
+    def submit(self, key: str, namespace: str, shard: int, parts: tuple[Any, ...], options: Mapping[str, Any],
+               lease_s: float, hold_s: float = 0.0, inputs: Sequence[api.HeldInputRequest] = ()) -> dict[str, Any]:
+        """Run ``parts`` (``(callable bytes, args, kwargs[, checkpoint job])``, upstream results as
+        ``gateway_api.HeldInput`` naming ``inputs``) as Ray task ``key``, owned by owner ``shard``."""
+        call: api.CallRequest = {
+            "key": key, "namespace": namespace, "shard": shard, "options": dict(options), "lease_s": lease_s,
+            "hold_s": hold_s, "payload": base64.b64encode(cloudpickle.dumps(parts, protocol=5)).decode(),
+            "inputs": list(inputs)}
+        return self._json("POST", "/calls", body=json.dumps(call).encode())
+
+    def poll(self, key: str, namespace: str, shard: int, log_offset: int = 0, wait: float = 0.0) -> dict[str, Any]:
+        """The run's state, its log lines from ``log_offset`` and its events, waiting up to ``wait`` s for news."""
+        return self._json("GET", "/calls/poll", self._run(key, namespace, shard, log_offset=log_offset, wait=wait),
+                          timeout=REQUEST_TIMEOUT_S + wait)
+
+    def cancel(self, key: str, namespace: str, shard: int) -> bool:
+        return bool(self._json("POST", "/calls/cancel", self._run(key, namespace, shard))["cancelled"])
+
+    def set_lease(self, key: str, namespace: str, shard: int, lease_s: float, hold_s: float = 0.0) -> bool:
+        return bool(self._json("POST", "/calls/lease", self._run(key, namespace, shard, lease_s=lease_s,
+                                                                  hold_s=hold_s))["held"])
+
+    def describe(self, key: str, namespace: str, shard: int) -> dict[str, Any]:
+        """Size, nodes and summary of the finished object ``key`` (waits for its run to end)."""
+        return self._json("GET", "/objects", self._run(key, namespace, shard))
+
+    def release(self, keys: Sequence[str], namespace: str, shard: int) -> int:
+        query = [("namespace", namespace), ("shard", str(shard)), *(("key", k) for k in keys)]
+        return int(self._json("DELETE", "/objects", query)["released"])
+
+    def value(self, key: str, namespace: str, shard: int) -> Any:
+        """The object's value, streamed and checked against the gateway's signed trailer before it is unpickled."""
+        path, query = self._path("/objects/value"), urlencode(self._run(key, namespace, shard))
+        headers = sign_request(self._key, "GET", path, query)
+        digest = hashlib.sha256()
+        tail = b""
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
+            try:
+                with self._http.stream("GET", f"{self._origin()}{path}?{query}", headers=headers) as response:
+                    if response.status_code != 200:
+                        response.read()
+                        self._check(response, headers[HEADER_NONCE], "GET", path)
+                    for chunk in response.iter_bytes():
+                        tail += chunk
+                        if len(tail) > api.TRAILER_BYTES:
+                            body, tail = tail[:-api.TRAILER_BYTES], tail[-api.TRAILER_BYTES:]
+                            digest.update(body)
+                            spool.write(body)
+            except httpx.HTTPError as exc:
+                raise GatewayError(f"The gateway at {self.url} did not answer GET {path}: {exc}") from exc
+            verify_response(self._key, headers[HEADER_NONCE], 200, digest.hexdigest(), tail.decode(errors="replace"))
+            spool.seek(0)
+            return pickle.load(spool)  # signed by the deployment's gateway: checked just above
+
+    # -- requests ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _run(key: str, namespace: str, shard: int, **more: Any) -> dict[str, Any]:
+        return {"namespace": namespace, "shard": shard, "key": key, **more}
+
+    def _path(self, path: str) -> str:
+        return f"{self._base_path}{api.PREFIX}{path}"
+
+    def _origin(self) -> str:
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    def _json(self, method: str, path: str, params: Mapping[str, Any] | Sequence[tuple[str, str]] | None = None,
+              body: bytes = b"", timeout: float | None = None) -> Any:
+        full = self._path(path)
+        query = urlencode(params or {})
+        headers = sign_request(self._key, method, full, query, body)
+        if body:
+            headers["Content-Type"] = "application/json"
+        try:
+            response = self._http.request(method, f"{self._origin()}{full}" + (f"?{query}" if query else ""),
+                                          content=body, headers=headers,
+                                          timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+        except httpx.HTTPError as exc:
+            raise GatewayError(f"The gateway at {self.url} did not answer {method} {full}: {exc}") from exc
+        self._check(response, headers[HEADER_NONCE], method, full)
+        return response.json()
+
+    def _check(self, response: httpx.Response, nonce: str, method: str, path: str) -> None:
+        """The answer is the deployment's gateway's (else ``GatewayAuthError``) and a success (else
+        ``GatewayError`` with the gateway's reason)."""
+        signature = response.headers.get(HEADER_SIGNATURE)
+        if response.status_code == 401 and signature is None:
+            raise GatewayAuthError(f"The gateway at {self.url} refused {method} {path} as unauthenticated: "
+                                   f"{_reason(response)}. Airflow and the gateway must share [ray] secret_key")
+        verify_response(self._key, nonce, response.status_code, response.content, signature)
+        if response.status_code >= 300:
+            raise GatewayError(f"The gateway at {self.url} refused {method} {path} ({response.status_code}): "
+                               f"{_reason(response)}", response.status_code)
+
+
+def _reason(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:500]
