@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import pickle
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,10 +23,12 @@ import httpx
 
 from airflow_ray_provider.cluster import gateway_api as api
 from airflow_ray_provider.cluster.gateway_auth import HEADER_NONCE, HEADER_SIGNATURE, sign_request, verify_response
-from airflow_ray_provider.exceptions import GatewayAuthError, GatewayError
+from airflow_ray_provider.exceptions import GatewayAuthError, GatewayError, RayVersionMismatch
 
 # Each answer is bounded: a poll waits up to its own ``wait`` inside the gateway, plus this.
 REQUEST_TIMEOUT_S = 60.0
+# A split unpickles the whole value in a Ray task and stores each item (the gateway waits as long).
+SPLIT_TIMEOUT_S = 660.0
 # A value larger than this is spooled to a temporary file while its stream is checked, not held in memory.
 SPOOL_BYTES = 64 * 1024 * 1024
 
@@ -42,6 +45,7 @@ class GatewayClient:
         self._base_path = parts.path.rstrip("/")
         self._key = key
         self._http = httpx.Client(timeout=timeout, verify=verify, follow_redirects=False)
+        self._checked_version = False
 
     def close(self) -> None:
         self._http.close()
@@ -56,6 +60,24 @@ class GatewayClient:
     def version(self) -> dict[str, Any]:
         return self._json("GET", "/version")
 
+    def check_version(self) -> None:
+        """Once per client, before the first pickle is sent: the cluster's Python must be this one's minor
+        version (a callable pickled by value loads in no other) and speak this API."""
+        if self._checked_version:
+            return
+        remote = self.version()
+        here = f"{sys.version_info.major}.{sys.version_info.minor}"
+        if remote.get("api") != api.API_VERSION:
+            raise RayVersionMismatch(f"The gateway at {self.url} speaks API {remote.get('api')!r}, this client "
+                                     f"{api.API_VERSION!r}: install the same airflow-ray-provider on both sides "
+                                     f"(gateway: {remote.get('provider')})")
+        if remote.get("python") != here:
+            raise RayVersionMismatch(f"The Ray cluster behind the gateway at {self.url} runs Python "
+                                     f"{remote.get('python')}, this process {here}: a task's callable, pickled "
+                                     f"here, loads only in the same Python minor version. Run Airflow's workers "
+                                     f"on Python {remote.get('python')}")
+        self._checked_version = True
+
     def status(self) -> dict[str, Any]:
         """The cluster's resources (total, available, per node) and its number of live nodes."""
         return self._json("GET", "/status")
@@ -67,6 +89,7 @@ class GatewayClient:
                lease_s: float, hold_s: float = 0.0, inputs: Sequence[api.HeldInputRequest] = ()) -> dict[str, Any]:
         """Run ``parts`` (``(callable bytes, args, kwargs[, checkpoint job])``, upstream results as
         ``gateway_api.HeldInput`` naming ``inputs``) as Ray task ``key``, owned by owner ``shard``."""
+        self.check_version()
         call: api.CallRequest = {
             "key": key, "namespace": namespace, "shard": shard, "options": dict(options), "lease_s": lease_s,
             "hold_s": hold_s, "payload": base64.b64encode(cloudpickle.dumps(parts, protocol=5)).decode(),
@@ -88,6 +111,13 @@ class GatewayClient:
     def describe(self, key: str, namespace: str, shard: int) -> dict[str, Any]:
         """Size, nodes and summary of the finished object ``key`` (waits for its run to end)."""
         return self._json("GET", "/objects", self._run(key, namespace, shard))
+
+    def split(self, key: str, namespace: str, shard: int, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Replace the list or dict object ``key`` by one object per item (``key#0``, ``key#1``...), each
+        described; ``names``: a dict's keys, in order."""
+        body = json.dumps({} if names is None else {"names": list(names)}).encode()
+        return self._json("POST", "/objects/split", self._run(key, namespace, shard), body=body,
+                          timeout=SPLIT_TIMEOUT_S)
 
     def release(self, keys: Sequence[str], namespace: str, shard: int) -> int:
         query = [("namespace", namespace), ("shard", str(shard)), *(("key", k) for k in keys)]

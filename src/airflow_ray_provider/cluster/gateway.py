@@ -57,6 +57,8 @@ OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 # An owner actor answers from memory in milliseconds; a minute also covers it being restarted on a loaded head.
 OWNER_CALL_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 30.0
+# A split unpickles the whole value in a Ray task and stores each item: minutes for gigabytes.
+SPLIT_TIMEOUT_S = 600.0
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ class GatewayApp:
         app.router.add_get(f"{p}/objects", self.describe)
         app.router.add_delete(f"{p}/objects", self.release)
         app.router.add_get(f"{p}/objects/value", self.value)
+        app.router.add_post(f"{p}/objects/split", self.split)
         return app
 
     # -- the guard every request passes ------------------------------------------------------------------
@@ -172,6 +175,8 @@ class GatewayApp:
             cause = exc.cause if isinstance(exc.cause, BaseException) else None
             if isinstance(cause, KeyError):
                 raise GatewayRequestError(str(cause.args[0]), 409 if "already in use" in str(cause) else 404) from None
+            if isinstance(cause, (ValueError, TypeError)):  # e.g. Ray refusing a task option the client sent
+                raise GatewayRequestError(f"{what}: {type(cause).__name__}: {cause}") from None
             raise
 
     def _run_of(self, request: web.Request) -> tuple[str, int, str]:
@@ -290,6 +295,21 @@ class GatewayApp:
         return _json(200, {"released": await self._call(f"owner shard {shard} releasing {len(keys)} key(s)",
                                                         owner.release.remote(keys))})
 
+    async def split(self, request: web.Request) -> web.Response:
+        """Replace a finished list or dict object by one object per item (keys ``key#i``): what a mapped task or
+        one of ``multiple_outputs`` reads alone. Body: ``{"names": [...]}`` for a dict's keys, or ``{}``."""
+        namespace, shard, key = self._run_of(request)
+        try:
+            body = json.loads(await request.read() or b"{}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise GatewayRequestError(f"the body is not JSON: {exc}") from None
+        names = body.get("names") if isinstance(body, dict) else None
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise GatewayRequestError("names must be a list of strings (a dict's keys, in order) or absent")
+        owner = await self._owner(namespace, shard)
+        return _json(200, await self._call(f"owner shard {shard} splitting {key!r}", owner.split.remote(key, names),
+                                           SPLIT_TIMEOUT_S))
+
     async def value(self, request: web.Request) -> web.StreamResponse:
         """The value's pickle, streamed a frame at a time, then its signed trailer (gateway_api)."""
         namespace, shard, key = self._run_of(request)
@@ -309,10 +329,18 @@ class GatewayApp:
         await response.prepare(request)
         digest = hashlib.sha256()
         frame: bytes | None = first
-        while frame is not None:
-            digest.update(frame)
-            await response.write(frame)
-            frame = await self._frame(frames, key)
+        try:
+            while frame is not None:
+                digest.update(frame)
+                await response.write(frame)
+                frame = await self._frame(frames, key)
+        except Exception:
+            # The status is sent: the only way left to say "failed" is to end the stream without its trailer and
+            # its last chunk, which the client reports as an incomplete answer (and unpickles nothing).
+            log.exception("Gateway: streaming the value of %r failed midway", key)
+            if request.transport is not None:
+                request.transport.close()
+            return response
         await response.write(sign_response(self.config.key, nonce, 200, digest.hexdigest()).encode())
         await response.write_eof()
         return response

@@ -132,6 +132,24 @@ def test_a_large_value_is_streamed_in_frames_and_checked(gateway: tuple[str, byt
         assert client.release([run], NAMESPACE, 1) == 1
 
 
+def test_a_dict_result_is_split_into_items_read_alone(gateway: tuple[str, bytes]) -> None:
+    """What multiple_outputs and mapped tasks need: one object per item, each described and readable alone."""
+    import cloudpickle
+
+    url, key = gateway
+    run = f"gw/{uuid.uuid4().hex}"
+    with GatewayClient(url, key) as client:
+        client.submit(run, NAMESPACE, 0, (cloudpickle.dumps(lambda: {"rows": [1, 2, 3], "total": 6}), (), {}),
+                      {"num_cpus": 0}, lease_s=60)
+        assert _wait(client, run)[0]["state"] == "finished"
+        items = client.split(run, NAMESPACE, 0, ["rows", "total"])
+        assert [item["key"] for item in items] == [f"{run}#0", f"{run}#1"]
+        assert items[0]["meta"]["summary"] == "list of 3 items of int", items
+        assert client.value(f"{run}#1", NAMESPACE, 0) == 6
+        assert client.poll(run, NAMESPACE, 0)["state"] == "unknown"  # the whole is released once split
+        assert client.release([f"{run}#0", f"{run}#1"], NAMESPACE, 0) == 2
+
+
 def test_a_failed_call_says_why_and_has_no_value(gateway: tuple[str, bytes]) -> None:
     import cloudpickle
 
@@ -155,6 +173,9 @@ def test_a_failed_call_says_why_and_has_no_value(gateway: tuple[str, bytes]) -> 
             client.submit(f"gw/{uuid.uuid4().hex}", NAMESPACE, 0, (cloudpickle.dumps(len), (HeldInput(0, "x"),), {}),
                           {"num_cpus": 0}, lease_s=60,
                           inputs=[{"namespace": NAMESPACE, "shard": 0, "key": "gw/never-made"}])
+        with pytest.raises(GatewayError, match=r"\(400\).*bogus_option"):
+            client.submit(f"gw/{uuid.uuid4().hex}", NAMESPACE, 0, (cloudpickle.dumps(fails), (), {}),
+                          {"bogus_option": 1}, lease_s=60)
         client.release([run], NAMESPACE, 0)
 
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from airflow_ray_provider.cluster.gateway import GatewayActor, GatewayConfig
+from airflow_ray_provider.cluster.gateway import OPENAPI_PATH, GatewayActor, GatewayApp, GatewayConfig
 from airflow_ray_provider.cluster.gateway_api import TRAILER_BYTES
 from airflow_ray_provider.cluster.gateway_auth import (
     HEADER_NONCE,
@@ -26,7 +26,7 @@ from airflow_ray_provider.cluster.gateway_auth import (
     sign_request,
     sign_response,
 )
-from airflow_ray_provider.exceptions import GatewayAuthError, GatewayError
+from airflow_ray_provider.exceptions import GatewayAuthError, GatewayError, RayVersionMismatch
 from airflow_ray_provider.gateway_client import GatewayClient
 
 KEY = derive_key(b"k" * 32)
@@ -155,3 +155,28 @@ def test_the_client_names_the_gateway_it_could_not_reach() -> None:
         GatewayClient(f"http://127.0.0.1:{port}", KEY, timeout=5).version()
     with pytest.raises(ValueError, match="must be http"):
         GatewayClient("ray://head:10001", KEY)
+
+
+def test_the_published_schema_lists_exactly_the_routes_served() -> None:
+    routes = GatewayApp(GatewayConfig(KEY)).app().router.routes()
+    served = {(route.method.lower(), route.resource.canonical) for route in routes if route.method != "HEAD"}
+    schema = json.loads(OPENAPI_PATH.read_text())
+    published = {(method, path) for path, item in schema["paths"].items() for method in item}
+    assert served == published
+    assert schema["openapi"].startswith("3.1") and all(op["operationId"] for item in schema["paths"].values()
+                                                       for op in item.values())
+
+
+def test_a_cluster_on_another_python_gets_no_pickle() -> None:
+    sent: list[str] = []
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        body = json.dumps({"api": "v1", "provider": "0.3.0", "ray": "2.60.0", "python": "3.9"}).encode()
+        return httpx.Response(200, content=body, headers={
+            HEADER_SIGNATURE: sign_response(KEY, request.headers[HEADER_NONCE], 200, body)})
+
+    client = _client_of(httpx.MockTransport(gateway))
+    with pytest.raises(RayVersionMismatch, match=r"runs Python 3\.9, this process 3\.\d+"):
+        client.submit("k", "tests", 0, (b"fn", (), {}), {}, lease_s=60)
+    assert sent == ["/v1/version"]
