@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_ray_provider.cluster.owner import get_owner, shard_for
 from airflow_ray_provider.submission import RayTaskRun
 
 LOG = logging.getLogger(__name__)
@@ -70,7 +71,15 @@ def test_result_outlives_the_process_that_submitted_it(ray_cluster: str) -> None
 
 def test_run_abandoned_by_a_killed_process_is_cancelled(ray_cluster: str, tmp_path: Path) -> None:
     _connect(ray_cluster)
-    beat = tmp_path / "beat"
+    beat, key = tmp_path / "beat", f"abandoned/{uuid.uuid4().hex}"
+    # The keeper, the key's owner and an idle Ray worker exist before the driver starts: their start on a loaded
+    # machine is not what this test is about (run 24: the driver, connected, had not seen its task start 240 s
+    # later, beside the whole suite).
+    get_owner(NAMESPACE, shard_for(key, 2))
+    warm = _run(f"abandoned-warm/{uuid.uuid4().hex}")
+    warm.submit(len, ([],), {}, {"num_cpus": 0})
+    assert warm.wait()["state"] == "finished"
+    warm.release()
     proc = _driver("""
         import signal
         from pathlib import Path
@@ -80,10 +89,14 @@ def test_run_abandoned_by_a_killed_process_is_cancelled(ray_cluster: str, tmp_pa
                 time.sleep(0.1)
         run = RayTaskRun(key=sys.argv[1], task_label="t", namespace="tests", shards=2, lease_s=5, log=log)
         run.submit(forever, (sys.argv[2],), {}, {"num_cpus": 0})
+        print("submitted", file=sys.stderr, flush=True)  # a driver that times out says how far it got
+        deadline = time.monotonic() + 180
         while not Path(sys.argv[2]).exists():
+            if time.monotonic() > deadline:
+                sys.exit(f"the Ray task did not start within 180 s: {run.state()}")
             time.sleep(0.1)
         os.kill(os.getpid(), signal.SIGKILL)  # no on_kill, no finally: only the lease can notice
-    """, ray_cluster, f"abandoned/{uuid.uuid4().hex}", str(beat))
+    """, ray_cluster, key, str(beat))
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert beat.exists()
     # The lease (5 s) runs out, then the owner cancels: bounded for a loaded machine, and "stopped" means no
