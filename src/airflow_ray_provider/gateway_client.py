@@ -42,6 +42,7 @@ class GatewayClient:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"the gateway URL must be http(s)://host:port; got {url!r}")
         self.url = url.rstrip("/")
+        self._origin = f"{parts.scheme}://{parts.netloc}"
         self._base_path = parts.path.rstrip("/")
         self._key = key
         self._http = httpx.Client(timeout=timeout, verify=verify, follow_redirects=False)
@@ -131,7 +132,7 @@ class GatewayClient:
         tail = b""
         with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
             try:
-                with self._http.stream("GET", f"{self._origin()}{path}?{query}", headers=headers) as response:
+                with self._http.stream("GET", f"{self._origin}{path}?{query}", headers=headers) as response:
                     if response.status_code != 200:
                         response.read()
                         self._check(response, headers[HEADER_NONCE], "GET", path)
@@ -155,10 +156,6 @@ class GatewayClient:
     def _path(self, path: str) -> str:
         return f"{self._base_path}{api.PREFIX}{path}"
 
-    def _origin(self) -> str:
-        parts = urlsplit(self.url)
-        return f"{parts.scheme}://{parts.netloc}"
-
     def _json(self, method: str, path: str, params: Mapping[str, Any] | Sequence[tuple[str, str]] | None = None,
               body: bytes = b"", timeout: float | None = None) -> Any:
         full = self._path(path)
@@ -167,7 +164,7 @@ class GatewayClient:
         if body:
             headers["Content-Type"] = "application/json"
         try:
-            response = self._http.request(method, f"{self._origin()}{full}" + (f"?{query}" if query else ""),
+            response = self._http.request(method, f"{self._origin}{full}" + (f"?{query}" if query else ""),
                                           content=body, headers=headers,
                                           timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
         except httpx.HTTPError as exc:

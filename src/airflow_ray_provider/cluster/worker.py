@@ -357,11 +357,26 @@ def _tracking_what_this_try_makes(made: _MadeByThisTry) -> Iterator[None]:
             cell.cell_contents = create_pg
 
 
+def map_nested(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``value`` with ``leaf`` applied to everything nested in its lists, tuples and dicts (their shape kept)."""
+    if isinstance(value, list):
+        return [map_nested(v, leaf) for v in value]
+    if isinstance(value, tuple):
+        return tuple(map_nested(v, leaf) for v in value)
+    if isinstance(value, dict):
+        return {k: map_nested(v, leaf) for k, v in value.items()}
+    return leaf(value)
+
+
 def resolve_refs(value: Any) -> Any:
     """Replace ``ObjectRef``s and ``UpstreamRef``s nested in lists, tuples and dicts by their values.
 
     Ray maps the object zero-copy when it is on this node and transfers it otherwise.
     """
+    return map_nested(value, _resolve_ref)
+
+
+def _resolve_ref(value: Any) -> Any:
     if isinstance(value, UpstreamRef):
         try:
             return ray.get(value.ref)
@@ -377,12 +392,6 @@ def resolve_refs(value: Any) -> Any:
             ) from None
     if isinstance(value, ray.ObjectRef):
         return ray.get(value)
-    if isinstance(value, list):
-        return [resolve_refs(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(resolve_refs(v) for v in value)
-    if isinstance(value, dict):
-        return {k: resolve_refs(v) for k, v in value.items()}
     return value
 
 
@@ -400,15 +409,9 @@ def open_envelope(envelope: CallEnvelope) -> tuple[Any, ...]:
                 raise ValueError(f"the call names input {value.index} ({value.label}) but has "
                                  f"{len(envelope.inputs)} input(s)")
             return UpstreamRef(envelope.inputs[value.index], value.label, value.checkpoint)
-        if isinstance(value, list):
-            return [swap(v) for v in value]
-        if isinstance(value, tuple):
-            return tuple(swap(v) for v in value)
-        if isinstance(value, dict):
-            return {k: swap(v) for k, v in value.items()}
         return value
 
-    return (fn_bytes, swap(args), swap(kwargs), *job)
+    return (fn_bytes, map_nested(args, swap), map_nested(kwargs, swap), *job)
 
 
 @ray.remote
