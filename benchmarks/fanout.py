@@ -1,6 +1,6 @@
 """Fan-out and chains under the real scheduler: ``@task`` against ``@task.ray``, LocalExecutor, SQLite.
 
-    python benchmarks/fanout.py [--n 100,1000] [--rounds 2] [--parallelism 8] [--no-chain]
+    python benchmarks/fanout.py [--n 100,1000] [--rounds 2] [--parallelism 8] [--no-chain] [--via gateway]
 
 Per N, one Airflow deployment (scheduler, dag-processor, api-server; ``scripts/local_topology.Airflow``)
 with ``AIRFLOW_RAY_BENCH_FANOUT_N=N`` runs ``fanout_plain`` and ``fanout_ray``
@@ -10,7 +10,12 @@ run's ``end_date - start_date`` from the REST API; the per-task figure is the me
 instances (what one task process spends between its start and end as Airflow records them). Every run
 must end ``success`` and ``total`` must return the right sum, or the benchmark fails.
 
-Writes ``benchmarks/results/fanout.json``, ``fanout.md`` and ``fanout.png`` (wall time and ratio against N).
+``--via gateway``: the ``@task.ray`` tasks reach the head through its gateway (issue 24): the connection has
+``gateway_url`` and ``dashboard_url`` only, the first task starts the gateway through Ray's Jobs API (inside the
+first ray run's wall time), and no task process is a Ray driver.
+
+Writes ``benchmarks/results/fanout.json``, ``fanout.md`` and ``fanout.png`` (wall time and ratio against N), or
+``fanout-gateway.*`` with ``--via gateway``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import secrets
 import shutil
 import statistics
 import sys
@@ -56,7 +63,7 @@ def _ray_processes() -> list[Any]:
     for proc in psutil.process_iter(["name", "cmdline"]):
         text = " ".join(proc.info["cmdline"] or []) or proc.info["name"] or ""
         if any(mark in text for mark in ("gcs_server", "raylet", "ray::", "default_worker.py", "ray/dashboard",
-                                         "runtime_env/agent", "log_monitor.py")):
+                                         "runtime_env/agent", "log_monitor.py", "cluster.gateway")):
             found.append(proc)
     return found
 
@@ -104,13 +111,15 @@ def _run(airflow: Airflow, dag_id: str, expected: int, timeout: float) -> dict[s
             "machine_cpu_s": round(busy, 1), "ray_cpu_s": round(ray_cpu, 1)}
 
 
-def deployment(work: Path, n: int, parallelism: int, chain: bool, rounds: int, conn: str) -> dict[str, Any]:
+def deployment(work: Path, n: int, parallelism: int, chain: bool, rounds: int, conn: str,
+               secret: str) -> dict[str, Any]:
     dags = work / f"n{n}" / "dags"
     dags.mkdir(parents=True)
     for name in DAG_FILES:
         shutil.copy(ROOT / "benchmarks" / "dags" / name, dags / name)
     airflow = Airflow(home=work / f"n{n}" / "home", dags=dags, db_url=f"sqlite:///{work / f'n{n}' / 'airflow.db'}",
                       extra_env={"AIRFLOW_RAY_BENCH_FANOUT_N": str(n), "AIRFLOW_CONN_RAY_DEFAULT": conn,
+                                 "AIRFLOW__RAY__SECRET_KEY": secret,
                                  "AIRFLOW__CORE__PARALLELISM": str(parallelism),
                                  "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(max(n, 16))})
     airflow.migrate()
@@ -141,11 +150,14 @@ def _best(rows: list[dict[str, float]], field: str = "wall_s") -> float:
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace, meta: dict[str, str]) -> str:
+    via = ("through the head's gateway (no task process is a Ray driver; the first ray run starts the gateway "
+           "through Ray's Jobs API)" if args.via == "gateway" else "each task process a Ray driver")
     lines = [f"# fanout: `@task` vs `@task.ray` under the real scheduler ({meta['date']}, {meta['cpu']}, "
              f"provider {meta['commit']})", "",
              f"`python benchmarks/fanout.py --n {args.n} --rounds {args.rounds} --parallelism {args.parallelism}`"
-             f"{'' if args.chain else ' --no-chain'}; LocalExecutor, parallelism {args.parallelism}, SQLite, "
-             f"one embedded Ray head (2 CPUs). Best of {args.rounds} run(s) each, alternating.", "",
+             f"{'' if args.chain else ' --no-chain'}{' --via gateway' if args.via == 'gateway' else ''}; "
+             f"LocalExecutor, parallelism {args.parallelism}, SQLite, one Ray head (2 CPUs); `@task.ray` {via}. "
+             f"Best of {args.rounds} run(s) each, alternating.", "",
              "| DAG | N | plain wall (s) | ray wall (s) | ratio ray/plain (goal ≤ 1.2) | plain task median (s) "
              "| ray task median (s) | machine CPU plain / ray (s) | of which Ray's processes, ray run (s) "
              "| all walls plain / ray (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -163,7 +175,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, meta: dict[s
                          f"{', '.join(str(r['wall_s']) for r in plain)} / {', '.join(str(r['wall_s']) for r in ray)} |")
     lines += ["", "Machine CPU: all cores' busy time during the run (`/proc/stat`); Ray's processes: GCS, raylet, "
               "agents, workers and owner actors. The rest of the ray run's CPU is Airflow's: the scheduler, "
-              "API server and the task processes (each a Ray driver)."]
+              "API server and the task processes."]
     return "\n".join(lines) + "\n"
 
 
@@ -198,29 +210,40 @@ def main() -> int:
     parser.add_argument("--parallelism", type=int, default=8)
     parser.add_argument("--keep", action="store_true", help="keep the work folder (task logs, DBs)")
     parser.add_argument("--no-chain", dest="chain", action="store_false", help="skip chain10 under the scheduler")
+    parser.add_argument("--via", choices=("driver", "gateway"), default="driver",
+                        help="how @task.ray reaches the head (default: each task process is a Ray driver)")
     args = parser.parse_args()
-    from airflow_ray_provider.local_cluster import LocalRayCluster
+    from airflow_ray_provider.local_cluster import LocalRayCluster, free_ports
 
     (ROOT / "benchmarks" / ".work").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fanout-", dir=ROOT / "benchmarks" / ".work"))
-    cluster = LocalRayCluster(work / "ray", num_cpus=2)
+    gateway = args.via == "gateway"
+    if gateway:  # the gateway job's entrypoint runs `python` from the head's PATH: this environment's
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    cluster = LocalRayCluster(work / "ray", num_cpus=2, include_dashboard=gateway)
     state = cluster.ensure_running()
-    conn = json.dumps({"conn_type": "ray", "password": cluster.auth_token(),
-                       "extra": {"address": state.address, "namespace": "bench"}})
+    extra: dict[str, Any] = {"address": state.address, "namespace": "bench"}
+    if gateway:
+        extra = {"gateway_url": f"http://127.0.0.1:{free_ports(1)[0]}", "dashboard_url": state.dashboard_url,
+                 "namespace": "bench"}
+    conn = json.dumps({"conn_type": "ray", "password": cluster.auth_token(), "extra": extra})
+    secret = secrets.token_hex(32)  # [ray] secret_key of every Airflow process: the gateway's key derives from it
     meta = {"commit": provider_commit(), "cpu": cpu_model(), "date": dt.date.today().isoformat()}
     results = []
     try:
         for i, n in enumerate(int(x) for x in args.n.split(",")):
-            results.append(deployment(work, n, args.parallelism, args.chain and i == 0, args.rounds, conn))
+            results.append(deployment(work, n, args.parallelism, args.chain and i == 0, args.rounds, conn, secret))
     finally:
         cluster.stop()
         if args.keep:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    (RESULTS / "fanout.json").write_text(json.dumps({**meta, "args": vars(args), "results": results}, indent=2) + "\n")
-    publish(report(results, args, meta), RESULTS / "fanout.md")
-    plot(results, RESULTS / "fanout.png")
+    stem = "fanout-gateway" if gateway else "fanout"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({**meta, "args": vars(args), "results": results}, indent=2)
+                                          + "\n")
+    publish(report(results, args, meta), RESULTS / f"{stem}.md")
+    plot(results, RESULTS / f"{stem}.png")
     return 0
 
 

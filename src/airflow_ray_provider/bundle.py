@@ -20,10 +20,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 PACKAGE = "airflow_ray_provider"
@@ -84,6 +87,24 @@ def _staged(source_digest: str, home: str) -> str:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return str(package)
+
+
+def package_zip(*extra: ModuleType) -> bytes:
+    """The shipped files under ``airflow_ray_provider/``, and each of ``extra`` (a pure-Python package) under its
+    own name, as one zip in the layout Ray's ``py_modules`` unpacks onto a worker's path. The same sources give the
+    same bytes (fixed timestamps and order), so the zip can be named by its content."""
+    entries = [(f"{PACKAGE}/{rel}", _SOURCE / rel) for rel in source_files()]
+    for module in extra:
+        root = Path(module.__file__ or "").parent
+        entries += [(f"{module.__name__}/{p.relative_to(root)}", p) for p in sorted(root.rglob("*.py"))
+                    if "__pycache__" not in p.parts]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, path in entries:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, path.read_bytes(), zipfile.ZIP_DEFLATED)
+    return buffer.getvalue()
 
 
 def _is_copy(package: Path, source_digest: str) -> bool:

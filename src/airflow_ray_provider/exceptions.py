@@ -21,6 +21,10 @@ class RayVersionMismatch(RayConnectionError):
     """The cluster runs another Ray or Python version than this process; the message names both."""
 
 
+class GatewayVersionMismatch(RayVersionMismatch):
+    """The gateway runs another provider version or API: a new gateway job can replace it (``gateway_bootstrap``)."""
+
+
 class WatcherUnavailable(RayConnectionError):
     """The triggerer's Ray watcher of a connection could not be started or did not answer in time."""
 

@@ -8,22 +8,44 @@ after its whole stream matched the gateway's signed trailer.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import hashlib
 import json
 import pickle
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
-from typing import Any
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 import cloudpickle
 import httpx
 
 from airflow_ray_provider.cluster import gateway_api as api
-from airflow_ray_provider.cluster.gateway_auth import HEADER_NONCE, HEADER_SIGNATURE, sign_request, verify_response
-from airflow_ray_provider.exceptions import GatewayAuthError, GatewayError, RayVersionMismatch
+from airflow_ray_provider.cluster.gateway_auth import (
+    HEADER_NONCE,
+    HEADER_SIGNATURE,
+    derive_key,
+    sign_request,
+    verify_response,
+)
+from airflow_ray_provider.cluster.naming import STATE_ONLY_OFFSET
+from airflow_ray_provider.exceptions import (
+    GatewayAuthError,
+    GatewayError,
+    GatewayVersionMismatch,
+    RayObjectLost,
+    RayVersionMismatch,
+    RayWaitTimeout,
+)
+from airflow_ray_provider.serialization import find_unpicklable
+from airflow_ray_provider.task_run import POLL_S, TaskRun
+
+if TYPE_CHECKING:
+    from airflow_ray_provider.hooks.settings import RaySettings
 
 # Each answer is bounded: a poll waits up to its own ``wait`` inside the gateway, plus this.
 REQUEST_TIMEOUT_S = 60.0
@@ -61,17 +83,31 @@ class GatewayClient:
     def version(self) -> dict[str, Any]:
         return self._json("GET", "/version")
 
+    @property
+    def checked(self) -> bool:
+        """Whether ``check_version`` passed for this client."""
+        return self._checked_version
+
+    @property
+    def key_hex(self) -> str:
+        """The gateway key, for the gateway's own job (gateway_bootstrap)."""
+        return self._key.hex()
+
     def check_version(self) -> None:
-        """Once per client, before the first pickle is sent: the cluster's Python must be this one's minor
-        version (a callable pickled by value loads in no other) and speak this API."""
+        """Once per client, before the first pickle is sent: the gateway runs this provider version and API
+        (else ``GatewayVersionMismatch``), and the cluster's Python is this one's minor version (a callable
+        pickled by value loads in no other; else ``RayVersionMismatch``)."""
+        from airflow_ray_provider import __version__
+
         if self._checked_version:
             return
         remote = self.version()
         here = f"{sys.version_info.major}.{sys.version_info.minor}"
-        if remote.get("api") != api.API_VERSION:
-            raise RayVersionMismatch(f"The gateway at {self.url} speaks API {remote.get('api')!r}, this client "
-                                     f"{api.API_VERSION!r}: install the same airflow-ray-provider on both sides "
-                                     f"(gateway: {remote.get('provider')})")
+        if remote.get("api") != api.API_VERSION or remote.get("provider") != __version__:
+            raise GatewayVersionMismatch(
+                f"The gateway at {self.url} runs airflow-ray-provider {remote.get('provider')} (API "
+                f"{remote.get('api')!r}), this process {__version__} (API {api.API_VERSION!r}): a new gateway job "
+                f"replaces it when the connection has a dashboard_url")
         if remote.get("python") != here:
             raise RayVersionMismatch(f"The Ray cluster behind the gateway at {self.url} runs Python "
                                      f"{remote.get('python')}, this process {here}: a task's callable, pickled "
@@ -183,6 +219,123 @@ class GatewayClient:
         if response.status_code >= 300:
             raise GatewayError(f"The gateway at {self.url} refused {method} {path} ({response.status_code}): "
                                f"{_reason(response)}", response.status_code)
+
+
+_clients_lock = threading.Lock()
+
+
+@functools.cache
+def _client(url: str, key: bytes, ca: str | None) -> GatewayClient:
+    return GatewayClient(url, key, verify=ca or True)
+
+
+def client_for(settings: RaySettings) -> GatewayClient:
+    """This process's client for the connection's gateway (one per gateway: its HTTP connections are reused)."""
+    from airflow_ray_provider.config import secret_key
+
+    if settings.gateway_url is None:
+        raise ValueError("the connection names no gateway_url")
+    with _clients_lock:
+        return _client(settings.gateway_url, derive_key(secret_key()), settings.gateway_ca)
+
+
+class GatewayTaskRun(TaskRun):
+    """One submitted Ray task, followed through the cluster's gateway: this process needs no Ray."""
+
+    def __init__(self, *, client: GatewayClient, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.client = client
+
+    def _call(self, what: str, call: Callable[[], Any]) -> Any:
+        """One request about this run; a gateway that does not answer marks the owner unresponsive, as a driver's
+        bounded wait does, and the error names the task and key."""
+        try:
+            return call()
+        except GatewayError as exc:
+            if exc.status == 0:
+                self.owner_unresponsive = True
+                raise RayWaitTimeout(f"{what} of Ray task {self.task_label} (key {self.key}) through the gateway "
+                                     f"at {self.client.url}: {exc}") from exc
+            raise
+
+    def submit(self, fn: Callable[..., Any] | bytes, args: tuple[Any, ...], kwargs: Mapping[str, Any],
+               options: Mapping[str, Any], job: Any = None, inputs_digest: str | None = None,
+               fingerprint: str | None = None, inputs: Sequence[Mapping[str, Any]] = ()) -> None:
+        parts = self.call_parts(fn, args, kwargs, job, inputs_digest, fingerprint)
+        try:
+            cloudpickle.dumps(parts, protocol=5)
+        except Exception as exc:
+            raise find_unpicklable(tuple(args), kwargs, self.task_label) from exc
+        try:
+            self._call("submit", lambda: self.client.submit(
+                self.key, self.namespace, self.shard, parts, options, self.lease_s, self.hold_s,
+                [api.HeldInputRequest(namespace=str(i["namespace"]), shard=int(i["shard"]), key=str(i["key"]))
+                 for i in inputs]))
+        except RayWaitTimeout:
+            self.submitted = True  # it may have started: cancel() and release() must still reach the owner
+            raise
+        self.submitted = True
+
+    def state(self) -> dict[str, Any]:
+        return self._call("status", lambda: self.client.poll(self.key, self.namespace, self.shard,
+                                                              STATE_ONLY_OFFSET))
+
+    def set_lease(self, lease_s: float, hold_s: float = 0.0) -> None:
+        self.lease_s, self.hold_s = lease_s, hold_s
+        if not self._call("set_lease", lambda: self.client.set_lease(self.key, self.namespace, self.shard, lease_s,
+                                                                      hold_s)):
+            raise RayObjectLost(f"{self.owner_label} no longer holds Ray task {self.task_label} (key {self.key})")
+
+    def poll(self, offset: int) -> dict[str, Any]:
+        return self._call("poll", lambda: self.client.poll(self.key, self.namespace, self.shard, offset,
+                                                            wait=POLL_S))
+
+    def fetch(self) -> Any:
+        return self._call("value", lambda: self.client.value(self.key, self.namespace, self.shard))
+
+    def remote_cause(self) -> BaseException | None:
+        return None  # the gateway sends a failure's text (in the status), not its pickled exception
+
+    def describe(self) -> dict[str, Any]:
+        return self._call("describe", lambda: self.client.describe(self.key, self.namespace, self.shard))
+
+    def split(self, names: Sequence[str] | None) -> list[dict[str, Any]]:
+        return self._call("split", lambda: self.client.split(self.key, self.namespace, self.shard, names))
+
+    def send_cancel(self, wait: bool) -> None:
+        # Over HTTP there is no fire-and-forget: the request is sent either way; the owner answers within 10 s.
+        self._call("cancel", lambda: self.client.cancel(self.key, self.namespace, self.shard))
+
+    def release(self) -> None:
+        if self.submitted:
+            try:
+                self.client.release([self.key], self.namespace, self.shard)
+            except GatewayError as exc:  # the lease reaps it; a release must not fail the task
+                self.log.warning("Could not release Ray task %s (key %s) through the gateway: %s",
+                                 self.task_label, self.key, exc)
+
+
+class GatewayWatch:
+    """What a deferred task's trigger asks about its run, through the gateway, answered in the shapes the watcher
+    subprocess answers (``triggers.watcher``): ``{"state", "error"}``, ``{"cancelled"}``, or ``{"fault": why}``
+    when the gateway cannot be asked. Each request runs in a worker thread: the triggerer's loop never blocks, and
+    no subprocess is started. A poll renews the run's lease in its owner, as every poll does."""
+
+    def __init__(self, client: GatewayClient) -> None:
+        self.client = client
+
+    async def poll(self, namespace: str, shard: int, key: str) -> dict[str, Any]:
+        try:
+            status = await asyncio.to_thread(self.client.poll, key, namespace, shard, STATE_ONLY_OFFSET)
+        except GatewayError as exc:
+            return {"fault": str(exc)}
+        return {"state": status["state"], "error": status.get("error")}
+
+    async def cancel(self, namespace: str, shard: int, key: str) -> dict[str, Any]:
+        try:
+            return {"cancelled": await asyncio.to_thread(self.client.cancel, key, namespace, shard)}
+        except GatewayError as exc:
+            return {"fault": str(exc)}
 
 
 def _reason(response: httpx.Response) -> str:

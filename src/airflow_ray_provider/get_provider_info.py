@@ -82,6 +82,18 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "The Ray dashboard as your browser reaches it, e.g. http://ray-head:8265: "
                         "each task links to its Ray task, node and worker logs there (the embedded head: its own)",
                     },
+                    "gateway_url": {
+                        "label": "Gateway URL",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "The cluster's gateway, e.g. http://ray-head:8270: tasks reach Ray over its "
+                        "authenticated HTTP API, and Airflow workers need no Ray (see docs/design/gateway.md)",
+                    },
+                    "gateway_ca": {
+                        "label": "Gateway CA bundle",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "A CA bundle file to check the gateway's TLS certificate by (default: the "
+                        "system's)",
+                    },
                     "autoscaling": {
                         "label": "Cluster autoscales",
                         "schema": {"type": ["boolean", "null"], "default": False},

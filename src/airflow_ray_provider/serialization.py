@@ -18,12 +18,22 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
-from ray import cloudpickle
-
 from airflow_ray_provider.exceptions import RaySerializationError
 
 _register_lock = threading.Lock()
 _PORTABLE_SCALARS = (str, int, float, bool, type(None), dt.datetime, dt.date, dt.timedelta, dt.time)
+
+
+def pickler() -> ModuleType:
+    """The cloudpickle a task's call is pickled with: Ray's own copy in a process that is a Ray driver (every Ray
+    node can load its pickles), the standalone package in one that reaches the cluster through the gateway and
+    never imported Ray (the gateway's call payload needs it on the nodes anyway)."""
+    ray_copy = sys.modules.get("ray.cloudpickle")
+    if ray_copy is not None:
+        return ray_copy
+    import cloudpickle  # here, not at the top: which copy depends on whether this process has imported Ray
+
+    return cloudpickle
 
 
 def _dags_folder() -> str | None:
@@ -76,7 +86,7 @@ def _by_value_modules(fn: Callable[..., Any]) -> list[ModuleType]:
 
 
 @contextmanager
-def _pickled_by_value(modules: list[ModuleType]) -> Iterator[None]:
+def _pickled_by_value(cloudpickle: ModuleType, modules: list[ModuleType]) -> Iterator[None]:
     with _register_lock:
         registered = []
         for module in modules:
@@ -94,7 +104,8 @@ def _pickled_by_value(modules: list[ModuleType]) -> Iterator[None]:
 
 def dumps_callable(fn: Callable[..., Any], task_label: str) -> bytes:
     """The callable as bytes, with DAG-folder modules inlined."""
-    with _pickled_by_value(_by_value_modules(fn)):
+    cloudpickle = pickler()
+    with _pickled_by_value(cloudpickle, _by_value_modules(fn)):
         try:
             return cloudpickle.dumps(fn)
         except Exception as exc:
@@ -109,6 +120,7 @@ def find_unpicklable(args: tuple[Any, ...], kwargs: Mapping[str, Any], task_labe
     """Name the first argument that cannot be pickled (called only after a failure)."""
     labelled = [(f"positional argument {i}", v) for i, v in enumerate(args)]
     labelled += [(f"argument {k!r}", v) for k, v in kwargs.items()]
+    cloudpickle = pickler()
     for label, value in labelled:
         try:
             cloudpickle.dumps(value)

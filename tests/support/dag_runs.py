@@ -61,6 +61,30 @@ def run_py(code: str, *, env: dict[str, str] | None = None, timeout: float = 900
     return result_of(start_py(code, env=env), timeout)
 
 
+# The gateway DAG (tests/dags/gateway_dags.py) in an interpreter where any import of Ray fails: what an Airflow
+# worker next to a remote cluster is. Its own script, not PRELUDE: that imports DAG files of Ray-driver tests.
+WITHOUT_RAY = """
+import json, sys
+sys.modules["ray"] = None
+from tests.dags import gateway_dags
+from tests.support.rows import ti_states, xcom_value
+dr = gateway_dags.gateway_flow_dag.test()
+print("RESULT " + json.dumps({"states": sorted(set(ti_states(dr).values())), "plain": xcom_value(dr, "plain"),
+                              "ray_loaded": [m for m in sys.modules if (m == "ray" or m.startswith("ray."))
+                                             and sys.modules[m] is not None]}), flush=True)
+"""
+GATEWAY_FLOW_PLAIN = {"total": 3 * sum(i * i for i in range(100)), "squares": [1, 4, 9], "deferred": 1007}
+
+
+def run_gateway_flow_without_ray(env: dict[str, str], timeout: float = 360) -> dict[str, Any]:
+    """Run ``gateway_flow`` in a fresh interpreter that cannot import Ray; what it found (``RESULT``)."""
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_RAY], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
+    results = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and results, why(proc.stdout + proc.stderr)
+    return json.loads(results[-1])
+
+
 def session_ray_conn(**extra: object) -> dict[str, str]:
     """The environment for a subprocess: the session's ``ray_default`` with ``extra`` over its extras."""
     current = json.loads(os.environ["AIRFLOW_CONN_RAY_DEFAULT"])

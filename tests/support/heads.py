@@ -42,12 +42,14 @@ def forge_state(cluster: LocalRayCluster, pid: int, **fields: object) -> None:
 
 
 @contextlib.contextmanager
-def head_from(venv: Path, home: Path, build_hint: str, num_cpus: int) -> Iterator[tuple[Any, Any]]:
+def head_from(venv: Path, home: Path, build_hint: str, num_cpus: int,
+              include_dashboard: bool = False) -> Iterator[tuple[Any, Any]]:
     """``(cluster, state)`` of a head started with ``venv``'s ``ray``; skips, saying how to build it, if absent."""
     ray_command = venv / "bin" / "ray"
     if not ray_command.exists():
         pytest.skip(f"no virtualenv at {venv} ({build_hint})")
-    cluster = LocalRayCluster(home, num_cpus=num_cpus, ray_command=str(ray_command))
+    cluster = LocalRayCluster(home, num_cpus=num_cpus, ray_command=str(ray_command),
+                              include_dashboard=include_dashboard)
     state = cluster.ensure_running()
     try:
         yield cluster, state

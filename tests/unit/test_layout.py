@@ -42,14 +42,18 @@ def test_the_cluster_package_imports_no_airflow() -> None:
     assert loaded == [], f"cluster-side modules pulled in Airflow: {loaded}"
 
 
-def test_the_gateway_client_imports_no_ray() -> None:
-    """An Airflow process that reaches the cluster through the gateway needs no Ray installed (issue 24)."""
+def test_what_a_task_through_the_gateway_loads_imports_no_ray() -> None:
+    """An Airflow process that reaches the cluster through the gateway needs no Ray installed (issue 24): the
+    client, the operator and decorator, the XCom backend, the trigger and the checkpoint job it sends
+    (tests/integration/operators/test_gateway.py runs a DAG in such a process)."""
     loaded = _fresh(
         "import json, sys\n"
-        "import airflow_ray_provider.gateway_client\n"
+        "import airflow_ray_provider.gateway_client, airflow_ray_provider.operators.ray\n"
+        "import airflow_ray_provider.decorators.ray, airflow_ray_provider.xcom.backend\n"
+        "import airflow_ray_provider.triggers.ray, airflow_ray_provider.cluster.checkpoint\n"
         "print(json.dumps(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))))\n"
     )
-    assert loaded == [], f"the gateway client pulled in Ray: {loaded}"
+    assert loaded == [], f"the gateway path pulled in Ray: {loaded}"
 
 
 def test_the_bundle_holds_exactly_the_cluster_side_code(airflow_home: Path) -> None:

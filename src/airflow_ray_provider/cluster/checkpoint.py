@@ -809,3 +809,15 @@ def _mtime(info: Mapping[str, Any]) -> float:
 
             return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
     return 0.0
+
+
+@dataclass(frozen=True)
+class CheckpointJob:
+    """What a ``checkpoint=True`` task asks of its worker: write the result, or reuse a matching one. Sent with the
+    call (pickled), so it lives here, without Ray, for processes that reach the cluster through the gateway."""
+
+    checkpoint: TaskCheckpoint
+    fingerprint: str  # of the callable and its inputs; a checkpoint is reused only for the same one
+    write: bool = True
+    reuse: bool = True
+    split: str | None = None  # "dict" / "auto": store items as separate files (see TaskCheckpoint.write_result)

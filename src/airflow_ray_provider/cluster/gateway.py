@@ -52,7 +52,7 @@ from airflow_ray_provider.cluster.gateway_auth import (
 from airflow_ray_provider.exceptions import GatewayAuthError, GatewayRequestError
 
 GATEWAY_NAME = "airflow-ray-gateway"
-KEY_ENV = "AIRFLOW_RAY_GATEWAY_KEY"  # hex of gateway_auth.derive_key([ray] secret_key), for the entrypoint
+KEY_ENV = api.KEY_ENV
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 # An owner actor answers from memory in milliseconds; a minute also covers it being restarted on a loaded head.
 OWNER_CALL_TIMEOUT_S = 60.0
@@ -413,6 +413,10 @@ class GatewayActor:
         assert self._bound is not None
         return (*self._bound, bool(self._config.certfile))
 
+    def version(self) -> dict[str, Any]:
+        """What ``/v1/version`` answers: a new gateway job compares it before it keeps this actor."""
+        return version_info()
+
 
 def ensure_gateway(config: GatewayConfig, *, namespace: str = owner_mod.SYSTEM_NAMESPACE,
                    timeout: float = 120.0) -> tuple[str, int, bool]:
@@ -437,6 +441,21 @@ def stop_gateway(namespace: str = owner_mod.SYSTEM_NAMESPACE) -> bool:
     return True
 
 
+def _replace_other_version(namespace: str = owner_mod.SYSTEM_NAMESPACE) -> None:
+    """End a running gateway of another provider version (or one too old to say), so this job starts its own."""
+    try:
+        running = ray.get_actor(GATEWAY_NAME, namespace=namespace)
+    except ValueError:
+        return
+    try:
+        theirs = ray.get(running.version.remote(), timeout=START_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - an actor without version() is older than this check: replaced
+        theirs = {"error": repr(exc)}
+    if theirs != version_info():
+        print(f"replacing the running gateway {theirs} with {version_info()}", flush=True)
+        stop_gateway(namespace)
+
+
 def main(argv: list[str]) -> int:
     """The entrypoint of the gateway's Ray job: start it, then stay as the job's driver (see keeper.py)."""
     parser = argparse.ArgumentParser(prog="python -m airflow_ray_provider.cluster.gateway")
@@ -454,6 +473,7 @@ def main(argv: list[str]) -> int:
         print(f"{KEY_ENV} must hold the gateway key's hex (64 characters)", file=sys.stderr)
         return 2
     ray.init(address="auto", namespace=owner_mod.SYSTEM_NAMESPACE, log_to_driver=False, configure_logging=False)
+    _replace_other_version()
     host, port, tls = ensure_gateway(GatewayConfig(key, args.host, args.port, args.certfile, args.keyfile))
     print(f"gateway listening on {'https' if tls else 'http'}://{host}:{port}", flush=True)
     while True:

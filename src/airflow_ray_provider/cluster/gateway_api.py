@@ -15,6 +15,7 @@ gateway sent, and neither side holds more than a frame of it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -22,6 +23,11 @@ from airflow_ray_provider.exceptions import GatewayRequestError
 
 API_VERSION = "v1"
 PREFIX = f"/{API_VERSION}"
+# The gateway's port on a remote head when its URL names none: beside the dashboard's 8265.
+DEFAULT_PORT = 8270
+# The environment variable the gateway's Ray job gets its key in (hex of gateway_auth.derive_key): the key only,
+# never [ray] secret_key, because Ray's Jobs API shows a job's env_vars to anyone holding the dashboard's token.
+KEY_ENV = "AIRFLOW_RAY_GATEWAY_KEY"
 # A call's JSON (the pickled callable and its small arguments: large inputs go by key). aiohttp's default is 1 MiB.
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # How long a client may take to send its body, and how long an idle connection is kept open.
@@ -110,3 +116,15 @@ def check_seconds(value: Any, field: str, *, maximum: float = 10 * 365 * 86400.0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= maximum:
         raise GatewayRequestError(f"{field} must be a number of seconds from 0 to {maximum:g}; got {str(value)[:40]!r}")
     return float(value)
+
+
+def map_nested(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``value`` with ``leaf`` applied to everything nested in its lists, tuples and dicts (their shape kept): how
+    upstream results are found and swapped in a call's arguments, on either side of the gateway."""
+    if isinstance(value, list):
+        return [map_nested(v, leaf) for v in value]
+    if isinstance(value, tuple):
+        return tuple(map_nested(v, leaf) for v in value)
+    if isinstance(value, dict):
+        return {k: map_nested(v, leaf) for k, v in value.items()}
+    return leaf(value)

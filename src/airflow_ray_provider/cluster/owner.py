@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,9 +33,15 @@ from typing import Any
 import ray
 
 from airflow_ray_provider.cluster import ray_compat, worker
+from airflow_ray_provider.cluster.naming import (  # noqa: F401 - owner's names, used through this module too
+    OWNER_NAME_PREFIX,
+    STATE_ONLY_OFFSET,
+    owner_label,
+    owner_name,
+    shard_for,
+)
 from airflow_ray_provider.exceptions import RayFeatureUnavailable, RayWaitTimeout
 
-OWNER_NAME_PREFIX = "airflow-ray-owner"
 SYSTEM_NAMESPACE = "airflow-ray-system"
 FACTORY_NAME = "airflow-ray-owner-factory"
 LAUNCHER_NAME = "airflow-ray-keeper-launcher"
@@ -589,19 +594,6 @@ def _keeper_factory() -> Any:
     return factory
 
 
-def shard_for(key: str, shards: int) -> int:
-    return zlib.crc32(key.encode()) % max(1, shards)
-
-
-def owner_name(shard: int) -> str:
-    return f"{OWNER_NAME_PREFIX}-{shard}"
-
-
-def owner_label(namespace: str, shard: int) -> str:
-    """How errors and logs name an owner actor: its Ray actor name and namespace."""
-    return f"owner actor {owner_name(shard)!r} (namespace {namespace!r})"
-
-
 def _create_owner(namespace: str, shard: int) -> Any:
     return ray.remote(TaskOwner).options(
         name=owner_name(shard),
@@ -625,7 +617,6 @@ def cluster_address() -> str:
 
 
 # A log offset past any run's log: ``TaskOwner.poll`` then ships no lines, only the state (and renews the lease).
-STATE_ONLY_OFFSET = 10**12
 
 
 def poll_state(owner: Any, key: str, *, timeout: float, what: str) -> dict[str, Any]:

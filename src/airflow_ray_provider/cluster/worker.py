@@ -25,7 +25,6 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -34,8 +33,9 @@ from ray import cloudpickle
 
 from airflow_ray_provider.cluster import checkpoint as ckpt
 from airflow_ray_provider.cluster import ray_compat
+from airflow_ray_provider.cluster.checkpoint import CheckpointJob
 from airflow_ray_provider.cluster.describe import describe
-from airflow_ray_provider.cluster.gateway_api import CallEnvelope, HeldInput
+from airflow_ray_provider.cluster.gateway_api import CallEnvelope, HeldInput, map_nested
 from airflow_ray_provider.exceptions import UpstreamObjectLost
 
 _FLUSH_INTERVAL_S = 0.2
@@ -59,17 +59,6 @@ class UpstreamRef:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (UpstreamRef, (self.ref, self.label, self.checkpoint))
-
-
-@dataclass(frozen=True)
-class CheckpointJob:
-    """What a ``checkpoint=True`` task asks of its worker: write the result, or reuse a matching one."""
-
-    checkpoint: ckpt.TaskCheckpoint
-    fingerprint: str  # of the callable and its inputs; a checkpoint is reused only for the same one
-    write: bool = True
-    reuse: bool = True
-    split: str | None = None  # "dict" / "auto": store items as separate files (see TaskCheckpoint.write_result)
 
 
 class _LogSink:
@@ -355,17 +344,6 @@ def _tracking_what_this_try_makes(made: _MadeByThisTry) -> Iterator[None]:
         ray_compat.set_actor_creation(create_actor)
         if cell is not None:
             cell.cell_contents = create_pg
-
-
-def map_nested(value: Any, leaf: Callable[[Any], Any]) -> Any:
-    """``value`` with ``leaf`` applied to everything nested in its lists, tuples and dicts (their shape kept)."""
-    if isinstance(value, list):
-        return [map_nested(v, leaf) for v in value]
-    if isinstance(value, tuple):
-        return tuple(map_nested(v, leaf) for v in value)
-    if isinstance(value, dict):
-        return {k: map_nested(v, leaf) for k, v in value.items()}
-    return leaf(value)
 
 
 def resolve_refs(value: Any) -> Any:

@@ -82,7 +82,8 @@ class RayHook(BaseHook):
                 self._settings = RaySettings.from_fields(
                     host=conn.host, port=conn.port, password=conn.password, extra=conn.extra_dejson
                 )
-            if self._settings.address.kind == LOCAL:
+            if self._settings.address.kind == LOCAL and self._settings.gateway_url is None:
+                # (Through a gateway, the address is unused and the password is the cluster's token.)
                 # The embedded head accepts only its own token (its token file, or the user's
                 # RAY_AUTH_TOKEN it was started with: LocalRayCluster.auth_token knows which), so a
                 # password on a `local` connection could only be wrong: it is ignored, visibly.
@@ -186,23 +187,9 @@ class RayHook(BaseHook):
         """Fail fast if no single alive node could ever run a task needing ``request``."""
         import ray
 
-        if self.settings.autoscaling:
-            return  # the autoscaler may add a node that fits
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        needed = {k: v for k, v in request.items() if v}
-        if any(all(node["Resources"].get(k, 0.0) >= v for k, v in needed.items()) for node in nodes):
-            return
-        missing = []
-        for name, amount in needed.items():
-            best = max((node["Resources"].get(name, 0.0) for node in nodes), default=0.0)
-            if best < amount:
-                missing.append(f"{name}={_fmt(amount)} (largest node has {_fmt(best)})")
-        detail = ", ".join(missing) or "that combination of " + ", ".join(f"{k}={_fmt(v)}" for k, v in needed.items())
-        raise RayConnectionError(
-            f"Task {task_label} can never run on the Ray cluster at {_connected.get('address')}: "
-            f"no node offers {detail}. Lower the request, or set the connection extra "
-            f'"autoscaling": true if the cluster adds nodes on demand.'
-        )
+        if not self.settings.autoscaling:
+            check_feasible([n["Resources"] for n in ray.nodes() if n.get("Alive")], request, task_label,
+                           f"the Ray cluster at {_connected.get('address')}")
 
     def test_connection(self) -> tuple[bool, str]:
         """Power the UI's Test button; probes in a subprocess so the API server never joins a cluster."""
@@ -256,6 +243,23 @@ def dashboard_url(settings: RaySettings) -> str | None:
         return settings.dashboard_url
     state = LocalRayCluster().status()
     return state.dashboard_url.rstrip("/") if state is not None and state.dashboard_url else None
+
+
+def check_feasible(nodes: list[dict[str, float]], request: dict[str, float], task_label: str, where: str) -> None:
+    """Raise if none of ``nodes`` (each alive node's total resources) offers all of ``request``."""
+    needed = {k: v for k, v in request.items() if v}
+    if any(all(node.get(k, 0.0) >= v for k, v in needed.items()) for node in nodes):
+        return
+    missing = []
+    for name, amount in needed.items():
+        best = max((node.get(name, 0.0) for node in nodes), default=0.0)
+        if best < amount:
+            missing.append(f"{name}={_fmt(amount)} (largest node has {_fmt(best)})")
+    detail = ", ".join(missing) or "that combination of " + ", ".join(f"{k}={_fmt(v)}" for k, v in needed.items())
+    raise RayConnectionError(
+        f"Task {task_label} can never run on {where}: no node offers {detail}. Lower the request, or set the "
+        f'connection extra "autoscaling": true if the cluster adds nodes on demand.'
+    )
 
 
 def _fmt(value: float) -> str:

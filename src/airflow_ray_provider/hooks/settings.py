@@ -98,6 +98,10 @@ class RaySettings:
     # The Ray dashboard as the users' browsers reach it (an ingress, a port-forward): the base of each
     # task's links to its Ray task, node and logs. None: derived for the embedded head, else no links.
     dashboard_url: str | None = None
+    # The cluster's gateway (docs/design/gateway.md): set, tasks reach the cluster over its HTTP API and this
+    # process is no Ray driver; ``gateway_ca`` is a CA bundle to check its TLS certificate by (else the system's).
+    gateway_url: str | None = None
+    gateway_ca: str | None = None
     # Which connection field the address came from, so the UI's Test button can say which one won.
     address_source: str = "default"
 
@@ -119,7 +123,8 @@ class RaySettings:
         autoscaling = extra_d.get("autoscaling", False)
         if isinstance(autoscaling, str):
             autoscaling = autoscaling.strip().lower() in ("1", "true", "yes", "on")
-        checkpoint = {name: extra_d.get(name) or None for name in ("checkpoint_path", "checkpoint_conn_id")}
+        checkpoint = {name: extra_d.get(name) or None
+                      for name in ("checkpoint_path", "checkpoint_conn_id", "gateway_ca")}
         for name, value in checkpoint.items():
             if value is not None and not isinstance(value, str):
                 raise RayConnectionError(f"Ray connection field {name!r} must be a string, got {value!r}")
@@ -136,6 +141,7 @@ class RaySettings:
             checkpoint_storage_options=_as_dict(extra_d.get("checkpoint_storage_options"),
                                                 "checkpoint_storage_options"),
             dashboard_url=parse_dashboard_url(extra_d.get("dashboard_url")),
+            gateway_url=parse_web_url(extra_d.get("gateway_url"), "gateway_url", "http://ray-head:8270"),
             **checkpoint,
         )
 
@@ -147,10 +153,16 @@ def parse_dashboard_url(value: Any) -> str | None:
     scheme (``javascript:``), no credentials (every viewer would see them), no query or fragment
     (the dashboard's own routes go in the fragment).
     """
+    return parse_web_url(value, "dashboard_url", "http://ray-head:8265")
+
+
+def parse_web_url(value: Any, name: str, example: str) -> str | None:
+    """Connection field ``name``: ``http(s)://host[:port][/path]`` without a trailing slash, or None for empty;
+    raise naming the field and what is wrong (credentials, a query or a fragment are refused)."""
     if value in (None, ""):
         return None
     if not isinstance(value, str):
-        raise RayConnectionError(f"Ray connection field 'dashboard_url' must be a string, got {value!r}")
+        raise RayConnectionError(f"Ray connection field {name!r} must be a string, got {value!r}")
     text = value.strip()
     if not text:
         return None
@@ -158,7 +170,7 @@ def parse_dashboard_url(value: Any) -> str | None:
         parts = urlsplit(text)
         _ = parts.port  # raises on a port that is not a number or out of range
     except ValueError as exc:
-        raise RayConnectionError(f"Ray connection field 'dashboard_url' {value!r} is not a URL: {exc}") from None
+        raise RayConnectionError(f"Ray connection field {name!r} {value!r} is not a URL: {exc}") from None
     problem = (
         "must start with http:// or https://" if parts.scheme not in ("http", "https")
         else "has no host" if not parts.hostname
@@ -167,9 +179,7 @@ def parse_dashboard_url(value: Any) -> str | None:
         else None
     )
     if problem:
-        raise RayConnectionError(
-            f"Ray connection field 'dashboard_url' {value!r} {problem}, e.g. http://ray-head:8265"
-        )
+        raise RayConnectionError(f"Ray connection field {name!r} {value!r} {problem}, e.g. {example}")
     return text.rstrip("/")
 
 

@@ -21,8 +21,9 @@ from airflow.providers.standard.operators.python import PythonOperator
 from airflow.sdk.exceptions import TaskDeferred
 
 from airflow_ray_provider.bundle import with_shipped_code
+from airflow_ray_provider.cluster.gateway_api import HeldInput, HeldInputRequest, map_nested
 from airflow_ray_provider.exceptions import RayObjectLost
-from airflow_ray_provider.hooks.ray import RayHook, dashboard_url
+from airflow_ray_provider.hooks.ray import RayHook, check_feasible, dashboard_url
 from airflow_ray_provider.hooks.settings import merge_runtime_env
 from airflow_ray_provider.links.ray import RAY_LINKS, RayPlace, RayTaskLink
 from airflow_ray_provider.operators.durable import STATE_KEY, check_run_record, reattach_window, run_record
@@ -34,9 +35,9 @@ from airflow_ray_provider.xcom.reference import Location, Origin, RayObject, Ray
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_ray_provider.cluster.worker import CheckpointJob
+    from airflow_ray_provider.cluster.checkpoint import CheckpointJob
     from airflow_ray_provider.hooks.settings import RaySettings
-    from airflow_ray_provider.submission import RayTaskRun
+    from airflow_ray_provider.task_run import TaskRun
 
 
 # The triggers of a triggerer that died are reassigned once its heartbeat is older than
@@ -147,7 +148,7 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
         self.checkpoint_path = checkpoint_path
         self.checkpoint_conn_id = checkpoint_conn_id
         self.checkpoint_recompute = bool(checkpoint_recompute)
-        self._ray_run: RayTaskRun | None = None
+        self._ray_run: TaskRun | None = None
         self._ray_identity: dict[str, Any] = {}
         self._prepared: _Prepared | None = None
         self._outcome: _Outcome | None = None
@@ -255,30 +256,48 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
                 self._ray_run.release()
             self._ray_run = None
 
-    def _follow(self, key: str, namespace: str, shard: int, lease_s: float) -> RayTaskRun:
+    def _follow(self, key: str, namespace: str, shard: int, lease_s: float) -> TaskRun:
         """The Airflow side of a Ray task an earlier try (or this task before it deferred) submitted."""
-        from airflow_ray_provider.submission import RayTaskRun
-
-        run = RayTaskRun(key=key, task_label=self.task_label, namespace=namespace,
-                         shards=self._prepare().settings.owner_shards, shard=shard, lease_s=lease_s, log=self.log)
+        run = self._new_run(key=key, namespace=namespace, shard=shard, lease_s=lease_s)
         run.submitted = True
         return run
+
+    def _new_run(self, *, key: str, namespace: str, lease_s: float, shard: int | None = None,
+                 hold_s: float = 0.0) -> TaskRun:
+        """A run followed the way the connection reaches the cluster: through its gateway, or as a Ray driver."""
+        settings = self._prepare().settings
+        common: dict[str, Any] = {"key": key, "task_label": self.task_label, "namespace": namespace,
+                                  "shards": settings.owner_shards, "shard": shard, "lease_s": lease_s,
+                                  "hold_s": hold_s, "log": self.log}
+        if settings.gateway_url is not None:
+            from airflow_ray_provider.gateway_client import GatewayTaskRun, client_for
+
+            return GatewayTaskRun(client=client_for(settings), **common)
+        from airflow_ray_provider.submission import RayTaskRun
+
+        return RayTaskRun(**common)
 
     def _prepare(self) -> _Prepared:
         """Connect, check the request fits, and turn the call into what the owner actor submits."""
         from airflow_ray_provider.serialization import dumps_callable
-        from airflow_ray_provider.submission import run_fingerprint
+        from airflow_ray_provider.task_run import run_fingerprint
 
         if self._prepared is not None:
             return self._prepared
         hook = RayHook(self.ray_conn_id)
         settings = hook.settings
-        hook.get_conn()
-        hook.check_feasible(
-            {"CPU": 1.0 if self.num_cpus is None else float(self.num_cpus), "GPU": float(self.num_gpus or 0),
-             "memory": float(self.memory or 0), **{k: float(v) for k, v in self.ray_resources.items()}},
-            self.task_label,
-        )
+        request = {"CPU": 1.0 if self.num_cpus is None else float(self.num_cpus), "GPU": float(self.num_gpus or 0),
+                   "memory": float(self.memory or 0), **{k: float(v) for k, v in self.ray_resources.items()}}
+        if settings.gateway_url is not None:
+            from airflow_ray_provider.gateway_bootstrap import ready_gateway
+
+            client = ready_gateway(settings)  # started on first use; this provider's, on this Python
+            if not settings.autoscaling:
+                check_feasible(client.status()["node_resources"], request, self.task_label,
+                               f"the Ray cluster behind the gateway at {settings.gateway_url}")
+        else:
+            hook.get_conn()
+            hook.check_feasible(request, self.task_label)
         kwargs = self._portable_kwargs()
         args = tuple(self._materialize(a) for a in self.op_args)
         fn_bytes = dumps_callable(self.python_callable, self.task_label)
@@ -289,13 +308,17 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
 
     def submit_job(self, context: Context) -> dict[str, Any]:
         """Submit the Ray task through the owner actor; return the signed record a later try re-attaches by."""
-        from airflow_ray_provider.submission import RayTaskRun
-
         prepared = self._prepare()
         settings = prepared.settings
         job = self._checkpoint_job() if self.checkpoint else None
-        args, kwargs = by_reference((prepared.args, prepared.kwargs), self.ray_conn_id, settings.namespace,
-                                    self.task_label, self.log)
+        through_gateway = settings.gateway_url is not None
+        inputs: list[HeldInputRequest] = []
+        if through_gateway:
+            (args, kwargs), inputs = by_key((prepared.args, prepared.kwargs), self.ray_conn_id, settings.namespace,
+                                            self.task_label)
+        else:
+            args, kwargs = by_reference((prepared.args, prepared.kwargs), self.ray_conn_id, settings.namespace,
+                                        self.task_label, self.log)
         options: dict[str, Any] = {"name": self.task_label}
         for name, value in (("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus), ("memory", self.memory),
                             ("max_retries", self.ray_max_retries)):
@@ -303,15 +326,17 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
                 options[name] = value
         if self.ray_resources:
             options["resources"] = self.ray_resources
-        runtime_env = with_shipped_code(merge_runtime_env(settings.runtime_env, self.runtime_env))
+        runtime_env = merge_runtime_env(settings.runtime_env, self.runtime_env)
+        if not through_gateway:  # the gateway's own job already carries the cluster code to its tasks
+            runtime_env = with_shipped_code(runtime_env)
         if runtime_env:
             options["runtime_env"] = runtime_env
         key = f"{self._key_prefix()}{self._ray_identity.get('try_number', 1)}/{uuid.uuid4().hex[:8]}"
         lease_s = self._lease()
-        run = RayTaskRun(key=key, task_label=self.task_label, namespace=settings.namespace,
-                         shards=settings.owner_shards, lease_s=lease_s, hold_s=self._hold(), log=self.log)
+        run = self._new_run(key=key, namespace=settings.namespace, lease_s=lease_s, hold_s=self._hold())
         self._ray_run = run
-        run.submit(prepared.fn_bytes, args, kwargs, options, job=job, fingerprint=prepared.fingerprint)
+        run.submit(prepared.fn_bytes, args, kwargs, options, job=job, fingerprint=prepared.fingerprint,
+                   inputs=inputs)
         if self.durable:
             self.log.info("Submitted Ray task %s (key %s, %s); its lease is %gs, so a retry of this task "
                           "instance can re-attach to it", self.task_label, key, run.owner_label, lease_s)
@@ -428,10 +453,8 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
 
     def _wait(self) -> None:
         """Wait for the run to end and turn it into the task's return value (``self._outcome``)."""
-        from airflow_ray_provider.submission import RayTaskRun
-
         run = self._ray_run
-        assert isinstance(run, RayTaskRun)
+        assert run is not None
         status = run.wait(on_start=self._note_place)
         if status["state"] != "finished":
             run.raise_failure(status)
@@ -478,8 +501,7 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
         return Origin(self.dag_id, self.task_id, str(ident.get("run_id") or ""), ident.get("map_index", -1))
 
     def _checkpoint_job(self) -> CheckpointJob:
-        from airflow_ray_provider.cluster.checkpoint import TaskCheckpoint, TaskKey
-        from airflow_ray_provider.cluster.worker import CheckpointJob
+        from airflow_ray_provider.cluster.checkpoint import CheckpointJob, TaskCheckpoint, TaskKey
         from airflow_ray_provider.storage import store_for
 
         ident = self._ray_identity
@@ -490,17 +512,11 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
         return CheckpointJob(TaskCheckpoint(store, key), fingerprint="",
                              reuse=not (self.checkpoint_recompute or ident.get("recompute")), split=split)
 
-    def _reference(self, run: RayTaskRun, location: Location,
+    def _reference(self, run: TaskRun, location: Location,
                    checkpoint: dict[str, Any] | None = None) -> RayObject | RayObjectList | RayObjectDict:
         """The XCom the backend stores: the result stays in Ray; lists and dicts are split when consumed by item."""
-        from airflow_ray_provider import submission
-
-        def owner_call(ref: Any, method: str, timeout: float) -> Any:
-            return submission.bounded_get(ref, timeout=timeout, what=f"{run.owner_label}: {method} of Ray task "
-                                          f"{self.task_label} (key {run.key})")
-
         origin = self._origin()
-        info = owner_call(run.owner.describe.remote(run.key), "describe", submission.OWNER_CALL_TIMEOUT_S)
+        info = run.describe()
         meta = info["meta"]
         names = run.events.get("names")
         mapped_over = not self._ray_identity.get("is_mapped") and next(self.iter_mapped_dependants(), None)
@@ -508,13 +524,13 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
             raise TypeError(f"Task {self.task_label} has multiple_outputs=True, so it must return a dict with "
                             f"string keys; it returned {meta.get('type')}")
         if names is not None and (self.multiple_outputs or mapped_over):
-            items = owner_call(run.owner.split.remote(run.key, names), "split", submission.SPLIT_TIMEOUT_S)
+            items = run.split(names)
             return RayObjectDict({n: _item(i, location, origin, n, _part(checkpoint, k))
                                   for k, (n, i) in enumerate(zip(names, items, strict=True))},
                                  location=location, origin=origin, type=meta.get("type", "dict"),
                                  summary=meta.get("summary", ""))
         if mapped_over and meta.get("type") in ("list", "tuple"):
-            items = owner_call(run.owner.split.remote(run.key, None), "split", submission.SPLIT_TIMEOUT_S)
+            items = run.split(None)
             return RayObjectList([_item(i, location, origin, str(n), _part(checkpoint, n))
                                   for n, i in enumerate(items)],
                                  location=location, origin=origin, kind=meta["type"], type=meta["type"],
@@ -589,7 +605,7 @@ def inputs_digest(value: Any) -> str:
     """
     import hashlib
 
-    from ray import cloudpickle
+    from airflow_ray_provider.serialization import pickler
 
     def identity(v: Any) -> Any:
         if isinstance(v, RayObject):
@@ -601,7 +617,7 @@ def inputs_digest(value: Any) -> str:
         return v
 
     try:
-        return hashlib.sha256(cloudpickle.dumps(identity(value), protocol=5)).hexdigest()
+        return hashlib.sha256(pickler().dumps(identity(value), protocol=5)).hexdigest()
     except Exception as exc:  # noqa: BLE001 - reported by by_reference/submit with the argument's name
         import logging
 
@@ -619,6 +635,24 @@ def ray_xcom_backend_active() -> bool:
     return isinstance(XCom, type) and issubclass(XCom, RayXComBackend)
 
 
+def _upstream_objects(value: Any, conn_id: str, namespace: str, task_label: str) -> list[RayObject]:
+    """The upstream ``RayObject`` references nested anywhere in ``value``; all must live on this connection."""
+    found: list[RayObject] = []
+    map_nested(value, lambda v: found.append(v) if isinstance(v, RayObject) else None)
+    for obj in found:
+        if (obj.location.conn_id, obj.location.namespace) != (conn_id, namespace):
+            raise ValueError(
+                f"Task {task_label} runs on Ray connection {conn_id!r} (namespace {namespace!r}), but its input "
+                f"from {obj.origin.label(obj.item)} lives on {obj.location.conn_id!r} "
+                f"(namespace {obj.location.namespace!r}); results cannot cross clusters by reference"
+            )
+    return found
+
+
+def _input_label(obj: RayObject) -> str:
+    return f"task {obj.origin.task_id!r} ({obj.origin.label(obj.item)})"
+
+
 def by_reference(value: Any, conn_id: str, namespace: str, task_label: str, log: Any) -> Any:
     """Swap upstream ``RayObject`` references (nested anywhere) for refs the Ray worker resolves.
 
@@ -627,40 +661,26 @@ def by_reference(value: Any, conn_id: str, namespace: str, task_label: str, log:
     from airflow_ray_provider.cluster.worker import UpstreamRef
     from airflow_ray_provider.xcom.backend import object_refs, worker_checkpoint
 
-    found: list[RayObject] = []
-
-    def collect(v: Any) -> None:
-        if isinstance(v, RayObject):
-            found.append(v)
-        elif isinstance(v, dict):
-            for x in v.values():
-                collect(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                collect(x)
-
-    collect(value)
+    found = _upstream_objects(value, conn_id, namespace, task_label)
     if not found:
         return value
-    for obj in found:
-        if (obj.location.conn_id, obj.location.namespace) != (conn_id, namespace):
-            raise ValueError(
-                f"Task {task_label} runs on Ray connection {conn_id!r} (namespace {namespace!r}), but its input "
-                f"from {obj.origin.label(obj.item)} lives on {obj.location.conn_id!r} "
-                f"(namespace {obj.location.namespace!r}); results cannot cross clusters by reference"
-            )
     refs = dict(zip(map(id, found), object_refs(found, restore_log=log), strict=True))
+    return map_nested(value, lambda v: UpstreamRef(refs[id(v)], _input_label(v), worker_checkpoint(v))
+                      if isinstance(v, RayObject) else v)
 
-    def swap(v: Any) -> Any:
-        if isinstance(v, RayObject):
-            return UpstreamRef(refs[id(v)], f"task {v.origin.task_id!r} ({v.origin.label(v.item)})",
-                               worker_checkpoint(v))
-        if isinstance(v, dict):
-            return {k: swap(x) for k, x in v.items()}
-        if isinstance(v, tuple):
-            return tuple(swap(x) for x in v)
-        if isinstance(v, list):
-            return [swap(x) for x in v]
-        return v
 
-    return swap(value)
+def by_key(value: Any, conn_id: str, namespace: str, task_label: str) -> tuple[Any, list[HeldInputRequest]]:
+    """For a call through the gateway: each upstream ``RayObject`` becomes a ``HeldInput`` placeholder, and the
+    list says which held object each names; the gateway looks them up and the Ray worker swaps them back.
+
+    An upstream object the cluster lost is restored by the worker from its checkpoint (the placeholder carries
+    it); one whose owner no longer holds its key is refused by the gateway, naming it.
+    """
+    from airflow_ray_provider.xcom.backend import worker_checkpoint
+
+    found = _upstream_objects(value, conn_id, namespace, task_label)
+    index = {id(obj): i for i, obj in enumerate(found)}
+    inputs = [HeldInputRequest(namespace=obj.location.namespace, shard=obj.location.owner, key=obj.key)
+              for obj in found]
+    return map_nested(value, lambda v: HeldInput(index[id(v)], _input_label(v), worker_checkpoint(v))
+                      if isinstance(v, RayObject) else v), inputs

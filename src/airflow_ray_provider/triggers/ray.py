@@ -106,7 +106,7 @@ class RayRunTrigger(BaseTrigger):
                 f"it was altered, or made by a deployment with another secret")})
             return
         self._warm_state_api()
-        client = watcher.get_client(self.ray_conn_id)
+        client = await self._watch()
         unreachable_since: float | None = None
         # poll_interval is not signed (it decides nothing in Ray), so it is clamped: below 0.1 s it would
         # flood the owner actor, above MAX_POLL_INTERVAL_S it would let the run's lease lapse.
@@ -151,6 +151,24 @@ class RayRunTrigger(BaseTrigger):
             if not (exc.args and exc.args[0] == USER_ACTION_CANCEL_MSG) or self._timed_out():
                 await self._cancel_run_if_abandoned("the trigger was cancelled")
             raise
+
+    async def _watch(self) -> Any:
+        """Who answers this trigger's polls: the connection's gateway, else its watcher subprocess (a Ray driver)."""
+        from airflow_ray_provider.hooks.ray import RayHook
+        from airflow_ray_provider.hooks.settings import RaySettings
+
+        try:  # the async read: the triggerer's supervisor answers it without blocking the loop
+            conn = await RayHook.aget_connection(self.ray_conn_id)
+            settings = RaySettings.from_fields(host=conn.host, port=conn.port, password=conn.password,
+                                               extra=conn.extra_dejson)
+        except Exception as exc:  # noqa: BLE001 - the watcher reads the connection again and reports it
+            self.log.warning("Could not read connection %r here (%s); asking its watcher", self.ray_conn_id, exc)
+            return watcher.get_client(self.ray_conn_id)
+        if settings.gateway_url is None:
+            return watcher.get_client(self.ray_conn_id)
+        from airflow_ray_provider.gateway_client import GatewayWatch, client_for
+
+        return GatewayWatch(client_for(settings))
 
     def _warm_state_api(self) -> None:
         """Start the one read per triggerer process that builds its execution API (see STATE_API_READY)."""
@@ -232,7 +250,7 @@ class RayRunTrigger(BaseTrigger):
         self.log.warning("Cancelling Ray run %s (key %s): %s and the task is no longer deferred",
                          self.task_label, self.key, why)
         try:
-            answer = await watcher.get_client(self.ray_conn_id).cancel(self.namespace, int(self.shard), self.key)
+            answer = await (await self._watch()).cancel(self.namespace, int(self.shard), self.key)
         except watcher.WatcherUnavailable as exc:
             self.log.warning("Could not cancel Ray run %s (key %s): %s; its lease reaps it", self.task_label,
                              self.key, exc)

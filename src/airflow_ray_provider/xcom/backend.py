@@ -228,7 +228,9 @@ class RayXComBackend(BaseXCom):
                              f"the Ray XCom backend uses it to mark references")
         threshold = xcom_threshold()
         if threshold >= 0 and len(json.dumps(serialized, default=str)) > threshold:
-            return signed_json(put_value(value, origin, key or BaseXCom.XCOM_RETURN_KEY))
+            held = put_value(value, origin, key or BaseXCom.XCOM_RETURN_KEY)
+            if held is not None:
+                return signed_json(held)
         return serialized
 
     @staticmethod
@@ -285,16 +287,29 @@ def consumer_is_ray_task() -> bool:
 
 
 # -- talking to the owners ------------------------------------------------------------------
+def _gateway(location: Location) -> Any:
+    """The gateway client for the reference's connection, or None when that connection makes this process a Ray
+    driver; raises if the connection now names another namespace than the reference."""
+    from airflow_ray_provider.hooks.ray import RayHook
+
+    settings = RayHook(location.conn_id).settings
+    if settings.namespace != location.namespace:
+        raise RayXComReferenceError(
+            f"Ray XCom reference names namespace {location.namespace!r}, but connection {location.conn_id!r} "
+            f"now uses {settings.namespace!r}"
+        )
+    if settings.gateway_url is None:
+        return None
+    from airflow_ray_provider.gateway_client import client_for
+
+    return client_for(settings)
+
+
 def _connect(location: Location) -> None:
     from airflow_ray_provider.hooks.ray import RayHook
 
-    hook = RayHook(location.conn_id)
-    if hook.settings.namespace != location.namespace:
-        raise RayXComReferenceError(
-            f"Ray XCom reference names namespace {location.namespace!r}, but connection {location.conn_id!r} "
-            f"now uses {hook.settings.namespace!r}"
-        )
-    hook.get_conn()
+    if _gateway(location) is None:
+        RayHook(location.conn_id).get_conn()
 
 
 def _owner(location: Location) -> Any:
@@ -405,21 +420,12 @@ def fetch(ref: AnyReference) -> Any:
     Objects Ray lost, or a cluster that cannot be reached, are read straight from their
     checkpoints when every object has one.
     """
-    import ray
-
-    from airflow_ray_provider.submission import FETCH_TIMEOUT_S, bounded_get
-
     objects = all_objects(ref)
     try:
-        refs = object_refs(objects)
-        values = bounded_get(refs, timeout=FETCH_TIMEOUT_S,
-                             what=f"the value of {objects[0].origin.label()} ({len(refs)} object(s))")
-    except (RayXComObjectLost, RayConnectionError, ray.exceptions.ObjectLostError,
-            ray.exceptions.OwnerDiedError) as exc:
+        values = _values(objects)
+    except (RayXComObjectLost, RayConnectionError) as exc:
         if any(obj.checkpoint is None for obj in objects):
-            if isinstance(exc, RayXComObjectLost | RayConnectionError):
-                raise
-            raise RayXComObjectLost(lost_message(objects[0], type(exc).__name__)) from None
+            raise
         log.warning("The result of %s is not available from Ray (%s); reading it from its checkpoint",
                     objects[0].origin.label(), type(exc).__name__)
         values = [checkpoint_of_object(obj).load_result(part=obj.checkpoint["part"],
@@ -430,6 +436,33 @@ def fetch(ref: AnyReference) -> Any:
     if isinstance(ref, RayObjectDict):
         return dict(zip(ref.keys(), values, strict=True))
     return tuple(values) if ref.kind == "tuple" else list(values)
+
+
+def _values(objects: list[RayObject]) -> list[Any]:
+    """The objects' values, in order, through the gateway or as a Ray driver; ``RayXComObjectLost`` if one is gone."""
+    from airflow_ray_provider.exceptions import GatewayError
+
+    gateway = _gateway(objects[0].location)  # a reference's objects share one location
+    if gateway is not None:
+        values = []
+        for obj in objects:
+            try:
+                values.append(gateway.value(obj.key, obj.location.namespace, obj.location.owner))
+            except GatewayError as exc:
+                if exc.status in (404, 409):  # no such key, or not a finished value
+                    raise RayXComObjectLost(lost_message(obj, str(exc))) from None
+                raise
+        return values
+    import ray
+
+    from airflow_ray_provider.submission import FETCH_TIMEOUT_S, bounded_get
+
+    try:
+        refs = object_refs(objects)
+        return bounded_get(refs, timeout=FETCH_TIMEOUT_S,
+                           what=f"the value of {objects[0].origin.label()} ({len(refs)} object(s))")
+    except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
+        raise RayXComObjectLost(lost_message(objects[0], type(exc).__name__)) from None
 
 
 def release(objects: Iterable[RayObject]) -> int:
@@ -443,6 +476,10 @@ def release(objects: Iterable[RayObject]) -> int:
         by_owner.setdefault(obj.location, []).append(obj.key)
     released = 0
     for location, keys in by_owner.items():
+        gateway = _gateway(location)
+        if gateway is not None:
+            released += gateway.release(keys, location.namespace, location.owner)
+            continue
         _connect(location)
         released += bounded_get(_owner(location).release.remote(keys), timeout=OWNER_CALL_TIMEOUT_S,
                                 what=f"{owner_label(location.namespace, location.owner)}: release of "
@@ -450,9 +487,11 @@ def release(objects: Iterable[RayObject]) -> int:
     return released
 
 
-def put_value(value: Any, origin: Origin, xcom_key: str) -> RayObject:
-    """Put a plain task's large value into Ray, owned by an owner actor so it outlives this process."""
-    import ray
+def put_value(value: Any, origin: Origin, xcom_key: str) -> RayObject | None:
+    """Put a plain task's large value into Ray, owned by an owner actor so it outlives this process.
+
+    None through a gateway, which has no way in for a value yet: it stays in the metadata DB, as without the
+    Ray XCom backend."""
 
     from airflow_ray_provider.cluster.describe import describe
     from airflow_ray_provider.cluster.owner import get_owner, owner_label, shard_for
@@ -461,8 +500,14 @@ def put_value(value: Any, origin: Origin, xcom_key: str) -> RayObject:
 
     conn_id = xcom_conn_id()
     hook = RayHook(conn_id)
-    hook.get_conn()
     settings = hook.settings
+    if settings.gateway_url is not None:
+        log.info("XCom %s of %s stays in the metadata DB: connection %r reaches Ray through a gateway, which "
+                 "takes no values from plain tasks yet", xcom_key, origin.label(), conn_id)
+        return None
+    import ray
+
+    hook.get_conn()
     key = "/".join((origin.dag_id, origin.run_id, origin.task_id, str(origin.map_index), f"xcom:{xcom_key}",
                     uuid.uuid4().hex[:8]))
     shard = shard_for(key, settings.owner_shards)

@@ -129,3 +129,16 @@ def test_dashboard_url_is_a_web_address_or_an_error_naming_it() -> None:
     remote = RaySettings.from_fields(extra={"address": "head:6379", "dashboard_url": "http://dash.example:80"})
     assert dashboard_url(remote) == "http://dash.example:80"
     assert dashboard_url(RaySettings.from_fields(extra={"address": "head:6379"})) is None
+
+
+def test_gateway_url_is_a_web_address_or_an_error_naming_it() -> None:
+    settings = RaySettings.from_fields(extra={"gateway_url": "https://ray-gw.example:8443/", "gateway_ca": "/ca.pem"})
+    assert (settings.gateway_url, settings.gateway_ca) == ("https://ray-gw.example:8443", "/ca.pem")
+    assert RaySettings.from_fields(extra={}).gateway_url is None  # no gateway: this process is a Ray driver
+    for bad, why in (("ray-gw:8270", "must start with http"), ("http://k:s@ray-gw:8270", "user name or password"),
+                     ("http://ray-gw:8270/?x=1", "query or fragment"), (8270, "must be a string")):
+        with pytest.raises(RayConnectionError, match="'gateway_url'") as info:
+            RaySettings.from_fields(extra={"gateway_url": bad})
+        assert why in str(info.value), (bad, str(info.value))
+    with pytest.raises(RayConnectionError, match="'gateway_ca' must be a string"):
+        RaySettings.from_fields(extra={"gateway_url": "http://gw:8270", "gateway_ca": True})

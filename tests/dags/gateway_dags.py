@@ -1,0 +1,67 @@
+"""DAGs exercised by tests/integration/operators/test_gateway.py: ``@task.ray`` on a connection that reaches the
+cluster through its gateway (``gateway_url``), with the Ray XCom backend."""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import dag, task
+
+START = pendulum.datetime(2026, 1, 1, tz="UTC")
+CONN = "ray_gateway"
+
+
+@dag(dag_id="gateway_flow", schedule=None, start_date=START)
+def gateway_flow():
+    """Ray to Ray by key (a dict split by multiple_outputs, a list split for mapping), Ray to a plain task by value."""
+
+    @task.ray(ray_conn_id=CONN, multiple_outputs=True, num_cpus=0)
+    def make(n: int) -> dict:
+        print(f"gateway-make {n} rows", flush=True)
+        return {"rows": [{"i": i, "sq": i * i} for i in range(n)], "scale": 3}
+
+    @task.ray(ray_conn_id=CONN, num_cpus=0)
+    def total(rows: list, scale: int) -> int:
+        return sum(r["sq"] for r in rows) * scale
+
+    @task.ray(ray_conn_id=CONN, num_cpus=0)
+    def numbers() -> list:
+        return [1, 2, 3]
+
+    @task.ray(ray_conn_id=CONN, num_cpus=0)
+    def square(x: int) -> int:
+        return x * x
+
+    @task.ray(ray_conn_id=CONN, num_cpus=0, deferrable=True, checkpoint=True)
+    def later(x: int) -> int:
+        return x + 1000  # waited for by the trigger (in line under dag.test()), its result checkpointed
+
+    @task
+    def plain(t: int, squares: list, deferred: int) -> dict:
+        return {"total": t, "squares": sorted(squares), "deferred": deferred}
+
+    made = make(100)
+    plain(total(made["rows"], made["scale"]), square.expand(x=numbers()), later(7))
+
+
+@dag(dag_id="gateway_failure", schedule=None, start_date=START)
+def gateway_failure():
+    @task.ray(ray_conn_id=CONN, num_cpus=0)
+    def explode() -> None:
+        print("gateway about to fail", flush=True)
+        raise ValueError("the user's gateway message 7")
+
+    explode()
+
+
+@dag(dag_id="gateway_infeasible", schedule=None, start_date=START)
+def gateway_infeasible():
+    @task.ray(ray_conn_id=CONN, num_gpus=64)
+    def too_big() -> None:
+        return None
+
+    too_big()
+
+
+gateway_flow_dag = gateway_flow()
+gateway_failure_dag = gateway_failure()
+gateway_infeasible_dag = gateway_infeasible()

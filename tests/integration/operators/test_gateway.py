@@ -1,0 +1,92 @@
+"""``@task.ray`` through the cluster's gateway (a connection with ``gateway_url``): real DAG runs (``dag.test()``)
+with the Ray XCom backend on the session head, whose gateway the module starts with the deployment's key.
+
+In this process Ray is imported (the session's other tests are drivers); one run goes in a fresh interpreter in
+which any import of Ray fails, which is what a deployment's Airflow workers next to a remote cluster look like.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from airflow_ray_provider.cluster.gateway_auth import derive_key
+from airflow_ray_provider.config import secret_key
+from airflow_ray_provider.xcom.reference import RayObject, RayObjectDict, RayObjectList, parse_reference
+from tests.dags import gateway_dags
+from tests.support.dag_runs import GATEWAY_FLOW_PLAIN, run_gateway_flow_without_ray
+from tests.support.fixtures import SESSION_HEAD_NAMESPACE
+from tests.support.rows import stored, ti_states, xcom_value
+
+GATEWAY_NAMESPACE = "tests-gateway-dags"  # the gateway actor's own; its calls use the session's owners
+pytestmark = pytest.mark.timeout(420)
+
+
+@pytest.fixture(scope="module")
+def gateway_url(ray_cluster: str) -> Iterator[str]:
+    from airflow_ray_provider.cluster.gateway import GatewayConfig, ensure_gateway, stop_gateway
+    from airflow_ray_provider.hooks.ray import RayHook
+
+    RayHook().get_conn()
+    host, port, _ = ensure_gateway(GatewayConfig(derive_key(secret_key())), namespace=GATEWAY_NAMESPACE)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        RayHook().get_conn()
+        stop_gateway(GATEWAY_NAMESPACE)
+
+
+@pytest.fixture
+def gateway_conn(gateway_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """``ray_gateway``: the session head's namespace, reached only through the gateway (no address: nothing to
+    join as a driver)."""
+    conn = {"conn_type": "ray", "extra": {"gateway_url": gateway_url, "namespace": SESSION_HEAD_NAMESPACE}}
+    env = {f"AIRFLOW_CONN_{gateway_dags.CONN.upper()}": json.dumps(conn)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+def _log(capfd: pytest.CaptureFixture[str]) -> str:
+    out = capfd.readouterr()
+    return out.out + out.err
+
+
+@pytest.mark.usefixtures("gateway_conn")
+def test_results_flow_by_key_through_the_gateway(capfd: pytest.CaptureFixture[str]) -> None:
+    dr = gateway_dags.gateway_flow_dag.test()
+    log = _log(capfd)
+    states = ti_states(dr)
+    assert states and all(s == "success" for s in states.values()), (states, log[-4000:])
+    assert "[ray] gateway-make 100 rows" in log  # the worker's output, relayed by the gateway's polls
+    made = parse_reference(stored(dr.dag_id, dr.run_id, "make", key="rows"))
+    assert isinstance(made, RayObject) and made.location.conn_id == gateway_dags.CONN, made
+    assert isinstance(parse_reference(stored(dr.dag_id, dr.run_id, "make")), RayObjectDict)
+    # split for the mapped task: one object per item
+    assert isinstance(parse_reference(stored(dr.dag_id, dr.run_id, "numbers")), RayObjectList)
+    assert xcom_value(dr, "plain") == GATEWAY_FLOW_PLAIN
+    assert "Deferring: the triggerer watches Ray task gateway_flow.later" in log
+    assert parse_reference(stored(dr.dag_id, dr.run_id, "later")).checkpoint is not None  # written by the worker
+
+
+@pytest.mark.usefixtures("gateway_conn")
+def test_a_failure_and_an_impossible_request_are_named(capfd: pytest.CaptureFixture[str]) -> None:
+    dr = gateway_dags.gateway_failure_dag.test()
+    log = _log(capfd)
+    assert ti_states(dr) == {("explode", -1): "failed"}
+    assert "[ray] gateway about to fail" in log
+    assert "ValueError: the user's gateway message 7" in log
+    assert "Ray task gateway_failure.explode failed" in log
+
+    dr = gateway_dags.gateway_infeasible_dag.test()
+    log = _log(capfd)
+    assert ti_states(dr) == {("too_big", -1): "failed"}
+    assert "can never run on the Ray cluster behind the gateway" in log and "GPU=64" in log, log[-3000:]
+
+
+def test_an_airflow_process_without_ray_runs_the_dag(gateway_conn: dict[str, str]) -> None:
+    """The whole DAG in an interpreter where ``import ray`` fails: the Airflow side needs no Ray at all."""
+    out = run_gateway_flow_without_ray(gateway_conn)
+    assert out == {"states": ["success"], "plain": GATEWAY_FLOW_PLAIN, "ray_loaded": []}, out
