@@ -154,8 +154,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, meta: dict[s
            "through Ray's Jobs API)" if args.via == "gateway" else "each task process a Ray driver")
     lines = [f"# fanout: `@task` vs `@task.ray` under the real scheduler ({meta['date']}, {meta['cpu']}, "
              f"provider {meta['commit']})", "",
-             f"`python benchmarks/fanout.py --n {args.n} --rounds {args.rounds} --parallelism {args.parallelism}`"
-             f"{'' if args.chain else ' --no-chain'}{' --via gateway' if args.via == 'gateway' else ''}; "
+             f"`python benchmarks/fanout.py --n {args.n} --rounds {args.rounds} --parallelism {args.parallelism}"
+             f"{'' if args.chain else ' --no-chain'}{' --via gateway' if args.via == 'gateway' else ''}`; "
              f"LocalExecutor, parallelism {args.parallelism}, SQLite, one Ray head (2 CPUs); `@task.ray` {via}. "
              f"Best of {args.rounds} run(s) each, alternating.", "",
              "| DAG | N | plain wall (s) | ray wall (s) | ratio ray/plain (goal ≤ 1.2) | plain task median (s) "

@@ -28,7 +28,7 @@ import httpx
 
 from airflow_ray_provider import __version__, bundle
 from airflow_ray_provider.cluster import gateway_api as api
-from airflow_ray_provider.exceptions import GatewayError, GatewayVersionMismatch
+from airflow_ray_provider.exceptions import GatewayError, GatewayVersionMismatch, RayVersionMismatch
 from airflow_ray_provider.gateway_client import GatewayClient, client_for
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ def bootstrap(settings: RaySettings, client: GatewayClient, why: str) -> None:
         job = {
             "entrypoint": f"python -m airflow_ray_provider.cluster.gateway --host {bind} --port {port}",
             "submission_id": package.submission_id,
-            "runtime_env": {"py_modules": [package.uri], "env_vars": {api.KEY_ENV: client.key_hex}},
+            "runtime_env": {"py_modules": [package.uri], "env_vars": {api.KEY_ENV: client.key.hex()}},
             "metadata": {"airflow_ray_provider": __version__, "why": why[:200]},
         }
         submitted = dashboard.post("/api/jobs/", json=job)
@@ -140,6 +140,41 @@ def bootstrap(settings: RaySettings, client: GatewayClient, why: str) -> None:
                                    f"its Ray job {package.submission_id} ({state.get('status')}); see that job's "
                                    f"logs in the Ray dashboard")
             time.sleep(_CHECK_EVERY_S)
+
+
+def test_gateway(settings: RaySettings) -> tuple[bool, str]:
+    """The Test button for a connection through a gateway: asks it (bounded by ``connect_timeout``), and where it
+    does not answer yet, the dashboard that would start it. Starts nothing, imports no Ray."""
+    assert settings.gateway_url is not None
+    with GatewayClient(settings.gateway_url, client_for(settings).key, timeout=settings.connect_timeout,
+                       verify=settings.gateway_ca or True) as client:
+        try:
+            client.check_version()
+            status = client.status()
+        except GatewayVersionMismatch as exc:
+            if settings.dashboard_url is None:
+                return False, str(exc)
+            return True, f"{exc}; the next task replaces it through the Ray dashboard at {settings.dashboard_url}"
+        except GatewayError as exc:
+            if exc.status != 0:
+                return False, str(exc)
+            if settings.dashboard_url is None:
+                return False, (f"The gateway at {settings.gateway_url} does not answer ({exc}); set the "
+                               f"connection's dashboard_url so that the first task starts it through Ray's Jobs API")
+            try:
+                with httpx.Client(base_url=settings.dashboard_url, timeout=settings.connect_timeout,
+                                  verify=settings.gateway_ca or True, headers={"Authorization": f"Bearer "
+                                  f"{settings.auth_token}"} if settings.auth_token else {}) as dashboard:
+                    ray_version = _answer(dashboard, "GET", "/api/version").json().get("ray_version")
+            except GatewayError as dash_exc:
+                return False, f"The gateway at {settings.gateway_url} does not answer, and {dash_exc}"
+            return True, (f"The gateway at {settings.gateway_url} does not answer yet; the first task starts it "
+                          f"through the Ray dashboard at {settings.dashboard_url} (Ray {ray_version})")
+        except RayVersionMismatch as exc:  # the cluster's Python: nothing here can fix it
+            return False, str(exc)
+    cpus = status.get("resources", {}).get("CPU", 0)
+    return True, (f"Connected through the gateway at {settings.gateway_url}: Ray {status.get('ray')}, "
+                  f"{status.get('nodes')} node(s), {cpus:g} CPUs")
 
 
 def _answer(http: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:

@@ -89,9 +89,9 @@ class GatewayClient:
         return self._checked_version
 
     @property
-    def key_hex(self) -> str:
-        """The gateway key, for the gateway's own job (gateway_bootstrap)."""
-        return self._key.hex()
+    def key(self) -> bytes:
+        """The gateway key, for the gateway's own job and other clients of it (gateway_bootstrap)."""
+        return self._key
 
     def check_version(self) -> None:
         """Once per client, before the first pickle is sent: the gateway runs this provider version and API
@@ -162,7 +162,14 @@ class GatewayClient:
 
     def value(self, key: str, namespace: str, shard: int) -> Any:
         """The object's value, streamed and checked against the gateway's signed trailer before it is unpickled."""
-        path, query = self._path("/objects/value"), urlencode(self._run(key, namespace, shard))
+        return self._pickle("/objects/value", key, namespace, shard)
+
+    def error(self, key: str, namespace: str, shard: int) -> BaseException:
+        """The exception failed call ``key`` raised, checked as a value is."""
+        return self._pickle("/calls/error", key, namespace, shard)
+
+    def _pickle(self, endpoint: str, key: str, namespace: str, shard: int) -> Any:
+        path, query = self._path(endpoint), urlencode(self._run(key, namespace, shard))
         headers = sign_request(self._key, "GET", path, query)
         digest = hashlib.sha256()
         tail = b""
@@ -294,7 +301,13 @@ class GatewayTaskRun(TaskRun):
         return self._call("value", lambda: self.client.value(self.key, self.namespace, self.shard))
 
     def remote_cause(self) -> BaseException | None:
-        return None  # the gateway sends a failure's text (in the status), not its pickled exception
+        try:
+            return self.client.error(self.key, self.namespace, self.shard)
+        except Exception as exc:  # noqa: BLE001 - e.g. the exception's class cannot be unpickled here
+            # Kept as the failure's cause; logged because an Airflow skip/fail raised remotely is lost with it.
+            self.log.warning("Could not rebuild the remote exception of Ray task %s (key %s) here: %r",
+                             self.task_label, self.key, exc)
+            return exc
 
     def describe(self) -> dict[str, Any]:
         return self._call("describe", lambda: self.client.describe(self.key, self.namespace, self.shard))

@@ -50,7 +50,14 @@ def gateway_failure():
         print("gateway about to fail", flush=True)
         raise ValueError("the user's gateway message 7")
 
+    @task.ray(ray_conn_id=CONN, num_cpus=0)
+    def skip_me() -> None:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        raise AirflowSkipException("nothing to do through the gateway")  # comes back as a skip, not a failure
+
     explode()
+    skip_me()
 
 
 @dag(dag_id="gateway_infeasible", schedule=None, start_date=START)

@@ -30,7 +30,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,8 @@ OWNER_CALL_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 30.0
 # A split unpickles the whole value in a Ray task and stores each item: minutes for gigabytes.
 SPLIT_TIMEOUT_S = 600.0
+# A value up to this size (Ray keeps it inline in the task's reply) is pickled by the gateway itself.
+INLINE_VALUE_BYTES = 100 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,7 @@ class GatewayApp:
         app.router.add_get(f"{p}/openapi.json", self.openapi)
         app.router.add_post(f"{p}/calls", self.submit)
         app.router.add_get(f"{p}/calls/poll", self.poll)
+        app.router.add_get(f"{p}/calls/error", self.error)
         app.router.add_post(f"{p}/calls/cancel", self.cancel)
         app.router.add_post(f"{p}/calls/lease", self.lease)
         app.router.add_get(f"{p}/objects", self.describe)
@@ -312,28 +315,34 @@ class GatewayApp:
 
     async def value(self, request: web.Request) -> web.StreamResponse:
         """The value's pickle, streamed a frame at a time, then its signed trailer (gateway_api)."""
+        return await self._send_pickle(request, "finished")
+
+    async def error(self, request: web.Request) -> web.StreamResponse:
+        """A failed call's exception, pickled and sent as a value is: the Airflow side re-raises an Airflow skip or
+        fail raised inside Ray as such, and keeps any other as the failure's cause."""
+        return await self._send_pickle(request, "failed")
+
+    async def _send_pickle(self, request: web.Request, state: str) -> web.StreamResponse:
         namespace, shard, key = self._run_of(request)
         owner = await self._owner(namespace, shard)
         described = await self._call(f"owner shard {shard} describing {key!r}", owner.describe.remote(key))
-        if described["state"] != "finished":
-            raise GatewayRequestError(f"{key!r} {described['state']}: it has no value "
+        if described["state"] != state:
+            what = "value" if state == "finished" else "exception"
+            raise GatewayRequestError(f"{key!r} {described['state']}: it has no {what} "
                                       f"({described.get('error') or ''})", 409)
         (ref,) = await self._call(f"owner shard {shard} handing out {key!r}", owner.get.remote(key))
-        strategy = (NodeAffinitySchedulingStrategy(described["node_ids"][0], soft=True)
-                    if described.get("node_ids") else "DEFAULT")
-        frames = worker.value_frames.options(scheduling_strategy=strategy, name=f"value:{key}").remote(
-            [ref], api.FRAME_BYTES)
-        first = await self._frame(frames, key)  # an error surfaces here, before anything is sent
+        frames = await self._frames(ref, key, described, state)
+        first = await anext(frames)  # an error surfaces here, before anything is sent
         nonce = request.headers[HEADER_NONCE]
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
         await response.prepare(request)
         digest = hashlib.sha256()
-        frame: bytes | None = first
         try:
-            while frame is not None:
+            digest.update(first)
+            await response.write(first)
+            async for frame in frames:
                 digest.update(frame)
                 await response.write(frame)
-                frame = await self._frame(frames, key)
         except Exception:
             # The status is sent: the only way left to say "failed" is to end the stream without its trailer and
             # its last chunk, which the client reports as an incomplete answer (and unpickles nothing).
@@ -345,6 +354,29 @@ class GatewayApp:
         await response.write_eof()
         return response
 
+    async def _frames(self, ref: Any, key: str, described: dict[str, Any], state: str) -> AsyncIterator[bytes]:
+        """The pickle's frames: a failure's exception, or a small value, pickled here (no Ray task to schedule: a
+        fan-out of small results is most of the traffic); a large one by a task on the node that holds it."""
+        if state == "failed":
+            data = await asyncio.to_thread(worker.failure_of, [ref])
+            return _one(data)
+        size = described.get("size")
+        if isinstance(size, int) and size <= INLINE_VALUE_BYTES:
+            try:
+                return _one(worker.pickled(await ref))
+            except Exception as exc:  # noqa: BLE001 - e.g. its classes load only in the task's runtime_env
+                log.info("Gateway: the value of %r is read by a Ray task instead (%s)", key, exc)
+        strategy = (NodeAffinitySchedulingStrategy(described["node_ids"][0], soft=True)
+                    if described.get("node_ids") else "DEFAULT")
+        refs = worker.value_frames.options(scheduling_strategy=strategy, name=f"value:{key}").remote(
+            [ref], api.FRAME_BYTES)
+
+        async def relay() -> AsyncIterator[bytes]:
+            while (frame := await self._frame(refs, key)) is not None:
+                yield frame
+
+        return relay()
+
     async def _frame(self, frames: Any, key: str) -> bytes | None:
         try:
             ref = await frames.__anext__()
@@ -354,6 +386,10 @@ class GatewayApp:
             return await ref
         except ray.exceptions.RayTaskError as exc:
             raise GatewayRequestError(f"the value of {key!r} could not be read: {exc}", 409) from None
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def version_info() -> dict[str, Any]:

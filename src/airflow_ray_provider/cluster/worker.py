@@ -492,18 +492,37 @@ def adopt(payload: list[ray.ObjectRef]) -> Any:
     return ray.get(payload[0])
 
 
+def pickled(value: Any) -> bytes:
+    """``value`` for a client outside Ray: plain pickle where it can (any Python with the value's classes loads it),
+    cloudpickle otherwise (e.g. a lambda inside the value, pickled by value)."""
+    try:
+        return pickle.dumps(value, protocol=5)
+    except Exception:  # noqa: BLE001 - see above
+        return cloudpickle.dumps(value, protocol=5)
+
+
+def failure_of(wrapped: list[ray.ObjectRef]) -> bytes:
+    """The exception a failed call raised, pickled for the Airflow side (which re-raises an Airflow skip or fail as
+    such); its text in a ``RuntimeError`` when the exception itself cannot be pickled."""
+    try:
+        ray.get(wrapped[0])
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+    else:
+        raise ValueError("the call did not fail: it has a value, not an exception")
+    try:
+        return pickled(cause)
+    except Exception:  # noqa: BLE001 - e.g. an exception holding a lock
+        return pickle.dumps(RuntimeError(f"{type(cause).__name__}: {cause}"), protocol=5)
+
+
 @ray.remote(num_cpus=0, num_returns="streaming")
 def value_frames(wrapped: list[ray.ObjectRef], frame_bytes: int) -> Iterator[bytes]:
     """A held value's pickle, ``frame_bytes`` at a time, for the gateway to stream to a client outside Ray: the
     gateway holds one frame at a time, never the value (Ray's generator backpressure bounds what waits).
 
     Plain pickle where it can (any Python with the value's classes loads it), cloudpickle otherwise."""
-    value = ray.get(wrapped[0])
-    try:
-        data = pickle.dumps(value, protocol=5)
-    except Exception:  # noqa: BLE001 - e.g. a lambda inside the value: cloudpickle pickles it by value
-        data = cloudpickle.dumps(value, protocol=5)
-    del value
+    data = pickled(ray.get(wrapped[0]))
     view = memoryview(data)
     for start in range(0, len(view), frame_bytes):
         yield bytes(view[start:start + frame_bytes])

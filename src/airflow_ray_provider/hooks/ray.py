@@ -192,9 +192,14 @@ class RayHook(BaseHook):
                            f"the Ray cluster at {_connected.get('address')}")
 
     def test_connection(self) -> tuple[bool, str]:
-        """Power the UI's Test button; probes in a subprocess so the API server never joins a cluster."""
+        """Power the UI's Test button; probes in a subprocess so the API server never joins a cluster (or, through a
+        gateway, asks the gateway over HTTP)."""
         try:
             settings = self.settings
+            if settings.gateway_url is not None:
+                from airflow_ray_provider.gateway_bootstrap import test_gateway
+
+                return test_gateway(settings)
             target = self.resolve_address()
         except Exception as exc:  # noqa: BLE001 - shown to the user in the UI
             return False, str(exc)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from airflow_ray_provider.cluster.gateway_auth import derive_key
 from airflow_ray_provider.config import secret_key
+from airflow_ray_provider.local_cluster import free_ports
 from airflow_ray_provider.xcom.reference import RayObject, RayObjectDict, RayObjectList, parse_reference
 from tests.dags import gateway_dags
 from tests.support.dag_runs import GATEWAY_FLOW_PLAIN, run_gateway_flow_without_ray
@@ -75,7 +77,7 @@ def test_results_flow_by_key_through_the_gateway(capfd: pytest.CaptureFixture[st
 def test_a_failure_and_an_impossible_request_are_named(capfd: pytest.CaptureFixture[str]) -> None:
     dr = gateway_dags.gateway_failure_dag.test()
     log = _log(capfd)
-    assert ti_states(dr) == {("explode", -1): "failed"}
+    assert ti_states(dr) == {("explode", -1): "failed", ("skip_me", -1): "skipped"}
     assert "[ray] gateway about to fail" in log
     assert "ValueError: the user's gateway message 7" in log
     assert "Ray task gateway_failure.explode failed" in log
@@ -90,3 +92,23 @@ def test_an_airflow_process_without_ray_runs_the_dag(gateway_conn: dict[str, str
     """The whole DAG in an interpreter where ``import ray`` fails: the Airflow side needs no Ray at all."""
     out = run_gateway_flow_without_ray(gateway_conn)
     assert out == {"states": ["success"], "plain": GATEWAY_FLOW_PLAIN, "ray_loaded": []}, out
+
+
+def test_the_test_button_asks_the_gateway_and_starts_nothing(gateway_url: str, connection: Any) -> None:
+    """The Test button through a gateway: its answer, and for a gateway that does not answer, what would start it."""
+    from airflow_ray_provider.hooks.ray import RayHook
+
+    connection("gw_test", extra={"gateway_url": gateway_url})
+    ok, message = RayHook("gw_test").test_connection()
+    assert ok and message.startswith(f"Connected through the gateway at {gateway_url}: Ray "), message
+    assert "1 node(s)" in message, message
+
+    (silent,) = free_ports(1)  # nothing listens there
+    connection("gw_test", extra={"gateway_url": f"http://127.0.0.1:{silent}"})
+    ok, message = RayHook("gw_test").test_connection()
+    assert not ok and f"127.0.0.1:{silent} does not answer" in message and "dashboard_url" in message, message
+    (no_dashboard,) = free_ports(1)
+    connection("gw_test", extra={"gateway_url": f"http://127.0.0.1:{silent}",
+                                 "dashboard_url": f"http://127.0.0.1:{no_dashboard}"})
+    ok, message = RayHook("gw_test").test_connection()
+    assert not ok and f"Ray dashboard at http://127.0.0.1:{no_dashboard} did not answer" in message, message
