@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 REQUEST_TIMEOUT_S = 60.0
 # A split unpickles the whole value in a Ray task and stores each item (the gateway waits as long).
 SPLIT_TIMEOUT_S = 660.0
+# Keys per release request (they go in its query string; aiohttp takes 8 KiB of request line).
+RELEASE_BATCH = 40
 # A value larger than this is spooled to a temporary file while its stream is checked, not held in memory.
 SPOOL_BYTES = 64 * 1024 * 1024
 
@@ -157,8 +159,17 @@ class GatewayClient:
                           timeout=SPLIT_TIMEOUT_S)
 
     def release(self, keys: Sequence[str], namespace: str, shard: int) -> int:
-        query = [("namespace", namespace), ("shard", str(shard)), *(("key", k) for k in keys)]
-        return int(self._json("DELETE", "/objects", query)["released"])
+        """Let owner ``shard`` drop ``keys``; how many it held. Sent in batches: keys go in the query string."""
+        released = 0
+        for start in range(0, len(keys), RELEASE_BATCH):
+            query = [("namespace", namespace), ("shard", str(shard)),
+                     *(("key", k) for k in keys[start:start + RELEASE_BATCH])]
+            released += int(self._json("DELETE", "/objects", query)["released"])
+        return released
+
+    def inventory(self, namespace: str, shard: int) -> dict[str, dict[str, Any]]:
+        """Every key owner ``shard`` holds: its state, finish time, size and hold (``TaskOwner.inventory``)."""
+        return self._json("GET", "/objects/inventory", {"namespace": namespace, "shard": shard})
 
     def value(self, key: str, namespace: str, shard: int) -> Any:
         """The object's value, streamed and checked against the gateway's signed trailer before it is unpickled."""

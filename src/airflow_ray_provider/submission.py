@@ -161,3 +161,18 @@ class RayTaskRun(TaskRun):
     def release(self) -> None:
         if self.submitted:
             self.owner.release.remote([self.key])  # not awaited: nothing waits, so nothing can hang here
+
+
+class DriverOwners:
+    """The owner actors, asked as a Ray driver: what ``GatewayClient.inventory`` and ``release`` answer over HTTP
+    (``RayHook.owners`` gives one or the other)."""
+
+    def inventory(self, namespace: str, shard: int) -> dict[str, dict[str, Any]]:
+        return bounded_get(owner_mod.get_owner(namespace, shard).inventory.remote(), timeout=OWNER_CALL_TIMEOUT_S,
+                           what=f"{owner_mod.owner_label(namespace, shard)}: inventory")
+
+    def release(self, keys: Sequence[str], namespace: str, shard: int) -> int:
+        # Two owner-call bounds: dropping thousands of refs makes Ray free their objects as it goes.
+        return int(bounded_get(owner_mod.get_owner(namespace, shard).release.remote(list(keys)),
+                               timeout=2 * OWNER_CALL_TIMEOUT_S,
+                               what=f"{owner_mod.owner_label(namespace, shard)}: release of {len(keys)} key(s)"))

@@ -109,6 +109,7 @@ class GatewayApp:
         app.router.add_post(f"{p}/calls/cancel", self.cancel)
         app.router.add_post(f"{p}/calls/lease", self.lease)
         app.router.add_get(f"{p}/objects", self.describe)
+        app.router.add_get(f"{p}/objects/inventory", self.inventory)
         app.router.add_delete(f"{p}/objects", self.release)
         app.router.add_get(f"{p}/objects/value", self.value)
         app.router.add_post(f"{p}/objects/split", self.split)
@@ -289,6 +290,13 @@ class GatewayApp:
         namespace, shard, key = self._run_of(request)
         owner = await self._owner(namespace, shard)
         return _json(200, await self._call(f"owner shard {shard} describing {key!r}", owner.describe.remote(key)))
+
+    async def inventory(self, request: web.Request) -> web.Response:
+        """Every key one owner holds, with its state, finish time, size and hold: what gc and the Ray tab read."""
+        query = request.rel_url.query
+        namespace, shard = api.check_namespace(query.get("namespace")), api.check_shard(query.get("shard"))
+        owner = await self._owner(namespace, shard)
+        return _json(200, await self._call(f"owner shard {shard} listing its keys", owner.inventory.remote()))
 
     async def release(self, request: web.Request) -> web.Response:
         query = request.rel_url.query

@@ -183,6 +183,18 @@ class RayHook(BaseHook):
         )
 
     # -- checks ------------------------------------------------------------------
+    def owners(self) -> Any:
+        """What lists and releases the keys the owner actors hold (gc, the Ray tab): the connection's gateway
+        client, or, as a Ray driver (connecting this process), ``submission.DriverOwners``."""
+        if self.settings.gateway_url is not None:
+            from airflow_ray_provider.gateway_client import client_for
+
+            return client_for(self.settings)
+        from airflow_ray_provider.submission import DriverOwners
+
+        self.get_conn()
+        return DriverOwners()
+
     def check_feasible(self, request: dict[str, float], task_label: str) -> None:
         """Fail fast if no single alive node could ever run a task needing ``request``."""
         import ray

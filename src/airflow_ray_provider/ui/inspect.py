@@ -14,9 +14,6 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Bounds for the API request this serves: each owner call, and the whole process (app.py).
-OWNER_CALL_TIMEOUT_S = 20.0
-
 
 @dataclass(frozen=True)
 class Held:
@@ -43,37 +40,37 @@ def held_id(namespace: str, shard: int, key: str) -> str:
 
 
 def inspect(conn_id: str, objects: list[dict[str, Any]], release: bool) -> InspectReport:
-    from airflow_ray_provider.cluster import ray_compat
-    from airflow_ray_provider.cluster.owner import bounded_get, get_owner, owner_label
     from airflow_ray_provider.hooks.ray import RayHook
     from airflow_ray_provider.hooks.settings import LOCAL
     from airflow_ray_provider.local_cluster import LocalRayCluster
 
     hook = RayHook(conn_id)
-    if hook.settings.address.kind == LOCAL and LocalRayCluster().status() is None:
+    through_gateway = hook.settings.gateway_url is not None
+    if not through_gateway and hook.settings.address.kind == LOCAL and LocalRayCluster().status() is None:
         # Asking must not start a cluster: nothing is held in one that is not running.
         return InspectReport(error="the embedded Ray head is not running")
-    ray = hook.get_conn()
+    owners = hook.owners()
     report = InspectReport()
     by_owner: dict[tuple[str, int], list[str]] = {}
     for obj in objects:
         by_owner.setdefault((str(obj["namespace"]), int(obj["owner"])), []).append(str(obj["key"]))
     for (namespace, shard), keys in by_owner.items():
-        owner = get_owner(namespace, shard)
-        what = owner_label(namespace, shard)
-        inventory = bounded_get(owner.inventory.remote(), timeout=OWNER_CALL_TIMEOUT_S, what=f"{what}: inventory")
+        inventory = owners.inventory(namespace, shard)
         for key in keys:
             if key in inventory:
                 row = inventory[key]
                 report.held[held_id(namespace, shard, key)] = asdict(
                     Held(str(row["state"]), row.get("finished_at"), row.get("size")))
         if release:
-            mine = [k for k in keys if k in inventory]
-            report.released += bounded_get(owner.release.remote(mine), timeout=OWNER_CALL_TIMEOUT_S,
-                                           what=f"{what}: release of {len(mine)} key(s)")
-    use = ray_compat.object_store_use(ray.get_runtime_context().gcs_address)
-    if use is not None:
-        report.store_used_bytes, report.store_capacity_bytes = use
+            report.released += owners.release([k for k in keys if k in inventory], namespace, shard)
+    if not through_gateway:  # the store's use comes from `ray memory` on a driver; the gateway does not say yet
+        import ray
+
+        from airflow_ray_provider.cluster import ray_compat
+
+        use = ray_compat.object_store_use(ray.get_runtime_context().gcs_address)
+        if use is not None:
+            report.store_used_bytes, report.store_capacity_bytes = use
     return report
 
 

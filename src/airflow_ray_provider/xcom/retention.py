@@ -76,8 +76,6 @@ def collect_garbage(*, conn_id: str = DEFAULT_CONN_ID, retention_s: float | None
 
     ``grace_s`` protects results whose XCom row is not written yet (a task that just finished).
     """
-    from airflow_ray_provider import submission
-    from airflow_ray_provider.cluster.owner import get_owner, owner_label
     from airflow_ray_provider.hooks.ray import RayHook
 
     if retention_s is None:
@@ -91,14 +89,11 @@ def collect_garbage(*, conn_id: str = DEFAULT_CONN_ID, retention_s: float | None
     else:
         live, expired, malformed, _ = _references(session, now, retention_s)
     hook = RayHook(conn_id)
-    hook.get_conn()
+    owners = hook.owners()
     settings = hook.settings
     report = GcReport(referenced=len(live), expired=len(expired), malformed_rows=malformed)
     for shard in range(settings.owner_shards):
-        owner = get_owner(settings.namespace, shard)
-        where = owner_label(settings.namespace, shard)
-        inventory: dict[str, dict[str, Any]] = submission.bounded_get(
-            owner.inventory.remote(), timeout=submission.OWNER_CALL_TIMEOUT_S, what=f"{where}: inventory for gc")
+        inventory: dict[str, dict[str, Any]] = owners.inventory(settings.namespace, shard)
         report.held += len(inventory)
         doomed = []
         for key, info in inventory.items():
@@ -110,8 +105,6 @@ def collect_garbage(*, conn_id: str = DEFAULT_CONN_ID, retention_s: float | None
             if key in expired or now - finished_at >= max(grace_s, float(info.get("hold_s") or 0.0)):
                 doomed.append(key)
         if doomed and not dry_run:
-            # Two owner-call bounds: dropping thousands of refs makes Ray free their objects as it goes.
-            submission.bounded_get(owner.release.remote(doomed), timeout=2 * submission.OWNER_CALL_TIMEOUT_S,
-                                   what=f"{where}: release of {len(doomed)} key(s) (first {doomed[0]!r}) for gc")
+            owners.release(doomed, settings.namespace, shard)
         report.released.extend(doomed)
     return report

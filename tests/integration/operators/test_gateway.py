@@ -8,6 +8,8 @@ which any import of Ray fails, which is what a deployment's Airflow workers next
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -112,3 +114,28 @@ def test_the_test_button_asks_the_gateway_and_starts_nothing(gateway_url: str, c
                                  "dashboard_url": f"http://127.0.0.1:{no_dashboard}"})
     ok, message = RayHook("gw_test").test_connection()
     assert not ok and f"Ray dashboard at http://127.0.0.1:{no_dashboard} did not answer" in message, message
+
+
+def test_gc_and_the_ray_tab_ask_the_owners_through_the_gateway(gateway_url: str, connection: Any) -> None:
+    """Garbage collection and the Ray tab's inspection list and release keys over the gateway (an owner namespace
+    of their own: gc with no grace would release other tests' results between their end and their XCom row)."""
+    import cloudpickle
+
+    from airflow_ray_provider.gateway_client import GatewayClient
+    from airflow_ray_provider.ui.inspect import held_id, inspect
+    from airflow_ray_provider.xcom.retention import collect_garbage
+
+    namespace, key = "tests-gateway-gc", f"gw-gc/{uuid.uuid4().hex}"
+    connection("gw_gc", extra={"gateway_url": gateway_url, "namespace": namespace})
+    with GatewayClient(gateway_url, derive_key(secret_key())) as client:
+        client.submit(key, namespace, 0, (cloudpickle.dumps(lambda: [1, 2, 3]), (), {}), {"num_cpus": 0}, lease_s=60)
+        deadline = time.monotonic() + 180
+        while client.poll(key, namespace, 0, wait=5)["state"] == "running":
+            assert time.monotonic() < deadline, f"{key} still running"
+        seen = inspect("gw_gc", [{"namespace": namespace, "owner": 0, "key": key}], release=False)
+        assert seen.error is None and seen.held[held_id(namespace, 0, key)]["state"] == "finished", seen
+        assert seen.store_used_bytes is None  # not asked through the gateway
+        dry = collect_garbage(conn_id="gw_gc", grace_s=0, dry_run=True)
+        assert key in dry.released and key in client.inventory(namespace, 0)  # a dry run releases nothing
+        done = collect_garbage(conn_id="gw_gc", grace_s=0)
+        assert key in done.released and key not in client.inventory(namespace, 0)
