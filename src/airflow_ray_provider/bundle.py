@@ -127,23 +127,3 @@ def driver_runtime_env() -> dict[str, Any]:
     from airflow_ray_provider.config import ship_cluster_code
 
     return {"py_modules": [bundle_dir()]} if ship_cluster_code() else {}
-
-
-def shipped_uris() -> list[str]:
-    """The ``gcs://`` URIs of the shipped code in the connected job (empty when nothing was shipped).
-
-    A task's own ``py_modules`` replace the inherited ones (Ray merges runtime_env by field), so
-    :func:`with_shipped_code` appends these to them.
-    """
-    import ray
-
-    env = ray.get_runtime_context().runtime_env or {}
-    return [u for u in env.get("py_modules") or [] if isinstance(u, str) and u.startswith("gcs://")]
-
-
-def with_shipped_code(runtime_env: dict[str, Any]) -> dict[str, Any]:
-    """``runtime_env`` for one task: when it names ``py_modules``, the shipped code is added to them."""
-    if "py_modules" not in runtime_env:
-        return runtime_env  # inherited from the job (through the owner actor)
-    modules = list(runtime_env.get("py_modules") or [])
-    return {**runtime_env, "py_modules": [*modules, *(u for u in shipped_uris() if u not in modules)]}

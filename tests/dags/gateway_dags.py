@@ -3,6 +3,8 @@ cluster through its gateway (``gateway_url``), with the Ray XCom backend."""
 
 from __future__ import annotations
 
+import os
+
 import pendulum
 from airflow.sdk import dag, task
 
@@ -69,6 +71,27 @@ def gateway_infeasible():
     too_big()
 
 
+# A package the stock-head test uploads (gcs://...), the task's own py_modules (tests/system/cluster/
+# test_gateway_bootstrap.py): its worker must still get the provider's code, which that head has no copy of.
+OWN_MODULE = os.environ.get("AIRFLOW_RAY_TEST_OWN_MODULE")
+
+
+@dag(dag_id="gateway_own_modules", schedule=None, start_date=START)
+def gateway_own_modules():
+    @task.ray(ray_conn_id=CONN, num_cpus=0, runtime_env={"py_modules": [OWN_MODULE]})
+    def use_own_module() -> int:
+        import gwhelper
+
+        return gwhelper.VALUE
+
+    @task
+    def plain(value: int) -> dict:
+        return {"own_module": value}
+
+    plain(use_own_module())
+
+
 gateway_flow_dag = gateway_flow()
+gateway_own_modules_dag = gateway_own_modules() if OWN_MODULE else None
 gateway_failure_dag = gateway_failure()
 gateway_infeasible_dag = gateway_infeasible()

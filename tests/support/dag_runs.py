@@ -68,7 +68,7 @@ import json, sys
 sys.modules["ray"] = None
 from tests.dags import gateway_dags
 from tests.support.rows import ti_states, xcom_value
-dr = gateway_dags.gateway_flow_dag.test()
+dr = getattr(gateway_dags, sys.argv[1]).test()
 print("RESULT " + json.dumps({"states": sorted(set(ti_states(dr).values())), "plain": xcom_value(dr, "plain"),
                               "ray_loaded": [m for m in sys.modules if (m == "ray" or m.startswith("ray."))
                                              and sys.modules[m] is not None]}), flush=True)
@@ -76,9 +76,11 @@ print("RESULT " + json.dumps({"states": sorted(set(ti_states(dr).values())), "pl
 GATEWAY_FLOW_PLAIN = {"total": 3 * sum(i * i for i in range(100)), "squares": [1, 4, 9], "deferred": 1007}
 
 
-def run_gateway_flow_without_ray(env: dict[str, str], timeout: float = 360) -> dict[str, Any]:
-    """Run ``gateway_flow`` in a fresh interpreter that cannot import Ray; what it found (``RESULT``)."""
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_RAY], cwd=ROOT, capture_output=True, text=True,
+def run_gateway_flow_without_ray(env: dict[str, str], timeout: float = 360,
+                                 dag: str = "gateway_flow_dag") -> dict[str, Any]:
+    """Run ``dag`` of tests/dags/gateway_dags.py (its task ``plain`` reports) in a fresh interpreter that cannot
+    import Ray; what it found (``RESULT``)."""
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_RAY, dag], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
     results = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and results, why(proc.stdout + proc.stderr)

@@ -49,6 +49,7 @@ from airflow_ray_provider.cluster.gateway_auth import (
     RequestVerifier,
     sign_response,
 )
+from airflow_ray_provider.cluster.shipped import with_shipped_code
 from airflow_ray_provider.exceptions import GatewayAuthError, GatewayRequestError
 
 GATEWAY_NAME = "airflow-ray-gateway"
@@ -227,6 +228,8 @@ class GatewayApp:
         inputs = call.get("inputs") or []
         if not isinstance(inputs, list):
             raise GatewayRequestError("inputs must be a list of {namespace, shard, key}")
+        if isinstance(options.get("runtime_env"), dict):  # its own py_modules must not drop the provider's
+            options["runtime_env"] = with_shipped_code(options["runtime_env"])
         refs = await self._held(inputs)
         owner = await self._owner(namespace, shard)
         # By value, not ray.put: an object put here would belong to the gateway and die with it mid-run.

@@ -510,6 +510,8 @@ def failure_of(wrapped: list[ray.ObjectRef]) -> bytes:
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
     else:
         raise ValueError("the call did not fail: it has a value, not an exception")
+    if type(cause).__module__.partition(".")[0] == "ray":  # e.g. the worker could not start: the Airflow side
+        cause = RuntimeError(f"{type(cause).__name__}: {cause}")  # may have no Ray to load Ray's classes with
     try:
         return pickled(cause)
     except Exception:  # noqa: BLE001 - e.g. an exception holding a lock

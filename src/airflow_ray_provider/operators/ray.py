@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.standard.operators.python import PythonOperator
 from airflow.sdk.exceptions import TaskDeferred
 
-from airflow_ray_provider.bundle import with_shipped_code
 from airflow_ray_provider.cluster.gateway_api import HeldInput, HeldInputRequest, map_nested
 from airflow_ray_provider.exceptions import RayObjectLost
 from airflow_ray_provider.hooks.ray import RayHook, check_feasible, dashboard_url
@@ -327,7 +326,9 @@ class RayPythonOperator(ResumableJobMixin, PythonOperator):
         if self.ray_resources:
             options["resources"] = self.ray_resources
         runtime_env = merge_runtime_env(settings.runtime_env, self.runtime_env)
-        if not through_gateway:  # the gateway's own job already carries the cluster code to its tasks
+        if not through_gateway:  # (the gateway does the same for the calls it submits)
+            from airflow_ray_provider.cluster.shipped import with_shipped_code  # a driver: Ray is imported
+
             runtime_env = with_shipped_code(runtime_env)
         if runtime_env:
             options["runtime_env"] = runtime_env

@@ -7,6 +7,7 @@ The same under the real scheduler, with the try's process SIGKILLed, is tests/sy
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pendulum
 import pytest
@@ -27,32 +28,42 @@ def _operator(fn, **kwargs):
     return op
 
 
-def _times_ten(x: int, sleep_s: float = 3.0) -> int:
+def _times_ten(x: int, sleep_s: float = 3.0, gate: str | None = None) -> int:
+    """``x * 10`` after ``sleep_s``, or once the file ``gate`` exists (bounded: the test creates it)."""
+    import os
     import time
 
-    time.sleep(sleep_s)
+    if gate is None:
+        time.sleep(sleep_s)
+    deadline = time.monotonic() + 300
+    while gate is not None and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return x * 10
 
 
-def test_a_later_try_reattaches_only_to_the_same_call(ray_cluster: str) -> None:
-    first = _operator(_times_ten)
+def test_a_later_try_reattaches_only_to_the_same_call(ray_cluster: str, tmp_path: Path) -> None:
+    # Running until the test says so, not for a fixed time: a later try's checks took more than 3 s under load
+    # (run 27), and the run had ended when the test expected it running.
+    gate = {"gate": str(tmp_path / "go")}
+    first = _operator(_times_ten, op_kwargs=gate)
     record = first.submit_job({})
     try:
         assert first.get_job_status(record, {}) == "RUNNING"
         # The same call in a later try re-attaches and gets the result without running the body again.
-        later = _operator(_times_ten)
+        later = _operator(_times_ten, op_kwargs=gate)
         assert later.get_job_status(record, {}) == "RUNNING"
+        (tmp_path / "go").touch()
         assert later.poll_until_complete(record, {}) == 30
         assert later.get_job_status(record, {}) == "SUCCEEDED"
         # Other inputs: not the same call, so a new Ray task is submitted (and the old result is let go).
-        changed = _operator(_times_ten)
+        changed = _operator(_times_ten, op_kwargs=gate)
         changed.op_args = [4]
         assert changed.get_job_status(record, {}) == "CHANGED"
         # A record naming a key nobody holds: submit anew.
         gone = run_record(later._origin(), "ray_default", record["namespace"], record["shard"], "no/such/key",
                           record["fingerprint"], 1)
         assert later.get_job_status(gone, {}) == "UNKNOWN"
-        assert _operator(_times_ten).get_job_status({**record, "key": "x"}, {}) == "UNTRUSTED"
+        assert _operator(_times_ten, op_kwargs=gate).get_job_status({**record, "key": "x"}, {}) == "UNTRUSTED"
     finally:
         first._ray_run.release()
 

@@ -1,14 +1,18 @@
 """No hands on the head (issue 24): on a stock Ray head (Ray and data libraries only, no provider and no
 cloudpickle: `make stock-ray`), the first task through a connection with ``gateway_url`` and ``dashboard_url``
-brings the gateway up through Ray's Jobs API, and later processes find it. The Airflow processes cannot import Ray.
+brings the gateway up through Ray's Jobs API, and later processes find it (one of them with a task that names
+py_modules of its own, which must not drop the provider's). The Airflow processes cannot import Ray.
 
 Its own head, with the dashboard (which serves the Jobs API), because the test submits a job that stays.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -41,10 +45,21 @@ def test_the_first_task_brings_the_gateway_up_on_a_stock_head(tmp_path_factory: 
         env = {f"AIRFLOW_CONN_{gateway_dags.CONN.upper()}": json.dumps(conn)}
         first = run_gateway_flow_without_ray(env)  # brings the gateway up
         assert first == {"states": ["success"], "plain": GATEWAY_FLOW_PLAIN, "ray_loaded": []}, first
-        second = run_gateway_flow_without_ray(env)  # finds it
-        assert second == first
-
+        # Another process finds it; a task with py_modules of its own still gets the provider's code. A task's
+        # py_modules must be URIs (Ray uploads local folders only for a job), here one uploaded as users of the
+        # Jobs API do.
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        zipped = io.BytesIO()
+        with zipfile.ZipFile(zipped, "w") as archive:
+            archive.writestr("gwhelper/__init__.py", "VALUE = 5\n")
+        name = f"_ray_pkg_{hashlib.sha1(zipped.getvalue(), usedforsecurity=False).hexdigest()}.zip"
+        put = httpx.put(f"{state.dashboard_url}/api/packages/gcs/{name}", content=zipped.getvalue(),
+                        headers=headers, timeout=60)
+        assert put.status_code == 200, put.text
+        second = run_gateway_flow_without_ray({**env, "AIRFLOW_RAY_TEST_OWN_MODULE": f"gcs://{name}"},
+                                              dag="gateway_own_modules_dag")
+        assert second == {"states": ["success"], "plain": {"own_module": 5}, "ray_loaded": []}, second
+
         jobs = httpx.get(f"{state.dashboard_url}/api/jobs/", headers=headers, timeout=60).json()
         ours = [j for j in jobs if str(j.get("submission_id") or "").startswith(JOB_PREFIX)]
         assert [(j["submission_id"], j["status"]) for j in ours] == [(gateway_package().submission_id, "RUNNING")]
