@@ -17,6 +17,7 @@ import pickle
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
@@ -51,6 +52,11 @@ if TYPE_CHECKING:
 REQUEST_TIMEOUT_S = 60.0
 # A split unpickles the whole value in a Ray task and stores each item (the gateway waits as long).
 SPLIT_TIMEOUT_S = 660.0
+# How long a request about a run is asked again while the gateway does not answer (a restart takes seconds), and
+# the HTTP statuses that mean "not now" rather than "no".
+RETRY_S = 60.0
+RETRY_MIN_S = 5.0
+TRANSIENT = (0, 502, 503, 504)
 # Keys per release request (they go in its query string; aiohttp takes 8 KiB of request line).
 RELEASE_BATCH = 40
 # A value larger than this is spooled to a temporary file while its stream is checked, not held in memory.
@@ -264,17 +270,27 @@ class GatewayTaskRun(TaskRun):
         super().__init__(**kwargs)
         self.client = client
 
-    def _call(self, what: str, call: Callable[[], Any]) -> Any:
-        """One request about this run; a gateway that does not answer marks the owner unresponsive, as a driver's
-        bounded wait does, and the error names the task and key."""
-        try:
-            return call()
-        except GatewayError as exc:
-            if exc.status == 0:
-                self.owner_unresponsive = True
-                raise RayWaitTimeout(f"{what} of Ray task {self.task_label} (key {self.key}) through the gateway "
-                                     f"at {self.client.url}: {exc}") from exc
-            raise
+    def _call(self, what: str, call: Callable[[], Any], bound: float | None = None) -> Any:
+        """One request about this run, asked again while the gateway does not answer or says it is unavailable (a
+        gateway restarted by Ray is back in seconds; the run, held by its owner, goes on meanwhile), for up to
+        ``bound`` s (default ``RETRY_S``). Past that the owner counts as unresponsive, as after a driver's bounded
+        wait, and the error names the task and key."""
+        deadline = time.monotonic() + (RETRY_S if bound is None else bound)
+        pause = 0.25
+        while True:
+            try:
+                return call()
+            except GatewayError as exc:
+                if exc.status not in TRANSIENT:
+                    raise
+                if time.monotonic() + pause > deadline:
+                    self.owner_unresponsive = True
+                    raise RayWaitTimeout(f"{what} of Ray task {self.task_label} (key {self.key}) through the gateway "
+                                         f"at {self.client.url}: {exc}") from exc
+                self.log.warning("The gateway did not answer %s of Ray task %s (key %s); asking again in %.2fs: %s",
+                                 what, self.task_label, self.key, pause, exc)
+                time.sleep(pause)  # a bounded back-off before the same idempotent request, not a wait for a result
+                pause = min(2 * pause, 4.0)
 
     def submit(self, fn: Callable[..., Any] | bytes, args: tuple[Any, ...], kwargs: Mapping[str, Any],
                options: Mapping[str, Any], job: Any = None, inputs_digest: str | None = None,
@@ -284,11 +300,25 @@ class GatewayTaskRun(TaskRun):
             cloudpickle.dumps(parts, protocol=5)
         except Exception as exc:
             raise find_unpicklable(tuple(args), kwargs, self.task_label) from exc
+        held = [api.HeldInputRequest(namespace=str(i["namespace"]), shard=int(i["shard"]), key=str(i["key"]))
+                for i in inputs]
+        asked = 0
+
+        def submit() -> Any:
+            nonlocal asked
+            asked += 1
+            try:
+                return self.client.submit(self.key, self.namespace, self.shard, parts, options, self.lease_s,
+                                          self.hold_s, held)
+            except GatewayError as exc:
+                # Asked again after no answer: the first request may have reached the owner, which refuses a key
+                # it holds. The key is this try's own (it ends in a random part), so the run is ours.
+                if asked > 1 and exc.status == 409 and "already in use" in str(exc):
+                    return None
+                raise
+
         try:
-            self._call("submit", lambda: self.client.submit(
-                self.key, self.namespace, self.shard, parts, options, self.lease_s, self.hold_s,
-                [api.HeldInputRequest(namespace=str(i["namespace"]), shard=int(i["shard"]), key=str(i["key"]))
-                 for i in inputs]))
+            self._call("submit", submit)
         except RayWaitTimeout:
             self.submitted = True  # it may have started: cancel() and release() must still reach the owner
             raise
@@ -305,8 +335,9 @@ class GatewayTaskRun(TaskRun):
             raise RayObjectLost(f"{self.owner_label} no longer holds Ray task {self.task_label} (key {self.key})")
 
     def poll(self, offset: int) -> dict[str, Any]:
+        # The owner reaps a run nobody polled for its lease: asking longer than that cannot find it running.
         return self._call("poll", lambda: self.client.poll(self.key, self.namespace, self.shard, offset,
-                                                            wait=POLL_S))
+                                                            wait=POLL_S), bound=max(self.lease_s, RETRY_MIN_S))
 
     def fetch(self) -> Any:
         return self._call("value", lambda: self.client.value(self.key, self.namespace, self.shard))

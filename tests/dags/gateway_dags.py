@@ -71,6 +71,25 @@ def gateway_infeasible():
     too_big()
 
 
+@dag(dag_id="gateway_restart", schedule=None, start_date=START, params={"folder": ""})
+def gateway_restart():
+    """One task that notes each run of its body in ``folder`` and ends once the test creates ``folder/go``."""
+
+    @task.ray(ray_conn_id=CONN, num_cpus=0)
+    def gated(params: dict) -> int:
+        import os
+        import time
+
+        with open(os.path.join(params["folder"], "runs"), "a") as runs:
+            runs.write("run\n")
+        deadline = time.monotonic() + 300
+        while not os.path.exists(os.path.join(params["folder"], "go")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return 42
+
+    gated()
+
+
 # A package the stock-head test uploads (gcs://...), the task's own py_modules (tests/system/cluster/
 # test_gateway_bootstrap.py): its worker must still get the provider's code, which that head has no copy of.
 OWN_MODULE = os.environ.get("AIRFLOW_RAY_TEST_OWN_MODULE")
@@ -92,6 +111,7 @@ def gateway_own_modules():
 
 
 gateway_flow_dag = gateway_flow()
+gateway_restart_dag = gateway_restart()
 gateway_own_modules_dag = gateway_own_modules() if OWN_MODULE else None
 gateway_failure_dag = gateway_failure()
 gateway_infeasible_dag = gateway_infeasible()

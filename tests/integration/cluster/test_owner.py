@@ -111,8 +111,11 @@ def test_run_abandoned_by_a_killed_process_is_cancelled(ray_cluster: str, tmp_pa
         pytest.fail("the Ray task of a SIGKILLed Airflow process is still running after 120s")
 
 
-def test_many_runs_are_in_flight_at_once(ray_cluster: str) -> None:
-    """Eight two-second tasks submitted from eight threads overlap: no lock serializes them."""
+def test_many_runs_are_in_flight_at_once(ray_cluster: str, tmp_path: Path) -> None:
+    """Eight tasks submitted from eight threads overlap: no lock serializes them. Each waits (bounded) until four
+    have started, so the overlap does not depend on how fast Ray starts workers on a loaded machine (run 28: two-
+    second sleeps overlapped only three at a time while workers started); a lock would keep the first one waiting
+    alone until its bound."""
     _connect(ray_cluster)
     spans: dict[int, tuple[float, float]] = {}
     errors: list[BaseException] = []
@@ -120,7 +123,7 @@ def test_many_runs_are_in_flight_at_once(ray_cluster: str) -> None:
     def one(i: int) -> None:
         run = _run(f"concurrent/{uuid.uuid4().hex}/{i}")
         try:
-            run.submit(_timed_sleep, (2.0,), {}, {"num_cpus": 0})
+            run.submit(_started_together, (str(tmp_path / "started"), 4), {}, {"num_cpus": 0})
             assert run.wait()["state"] == "finished"
             spans[i] = run.fetch()
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
@@ -132,6 +135,7 @@ def test_many_runs_are_in_flight_at_once(ray_cluster: str) -> None:
     # warm, so round 2 measures the owner actor, not worker start-up.
     for _ in range(2):
         spans.clear()
+        (tmp_path / "started").write_text("")
         threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
@@ -144,9 +148,18 @@ def test_many_runs_are_in_flight_at_once(ray_cluster: str) -> None:
     assert peak >= 4, f"at most {peak} runs were in flight at once: {sorted(spans.values())}"
 
 
-def _timed_sleep(seconds: float) -> tuple[float, float]:
+def _started_together(marker: str, count: int) -> tuple[float, float]:
+    """Note this task's start in ``marker``, wait until ``count`` tasks have (at most 120 s), hold 0.5 s."""
     start = time.time()
-    time.sleep(seconds)
+    with open(marker, "a") as out:
+        out.write("started\n")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with open(marker) as seen:
+            if len(seen.readlines()) >= count:
+                break
+        time.sleep(0.02)
+    time.sleep(0.5)
     return start, time.time()
 
 

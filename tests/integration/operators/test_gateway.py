@@ -8,21 +8,24 @@ which any import of Ray fails, which is what a deployment's Airflow workers next
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from airflow_ray_provider.cluster.gateway_auth import derive_key
 from airflow_ray_provider.config import secret_key
+from airflow_ray_provider.exceptions import GatewayError
 from airflow_ray_provider.local_cluster import free_ports
 from airflow_ray_provider.xcom.reference import RayObject, RayObjectDict, RayObjectList, parse_reference
 from tests.dags import gateway_dags
 from tests.support.dag_runs import GATEWAY_FLOW_PLAIN, run_gateway_flow_without_ray
 from tests.support.fixtures import SESSION_HEAD_NAMESPACE
-from tests.support.rows import stored, ti_states, xcom_value
+from tests.support.rows import pulled, stored, ti_states, xcom_value
 
 GATEWAY_NAMESPACE = "tests-gateway-dags"  # the gateway actor's own; its calls use the session's owners
 pytestmark = pytest.mark.timeout(420)
@@ -34,7 +37,9 @@ def gateway_url(ray_cluster: str) -> Iterator[str]:
     from airflow_ray_provider.hooks.ray import RayHook
 
     RayHook().get_conn()
-    host, port, _ = ensure_gateway(GatewayConfig(derive_key(secret_key())), namespace=GATEWAY_NAMESPACE)
+    # A fixed port, as a deployment's: a gateway Ray restarts listens where it did (test_a_gateway_restarted...).
+    host, port, _ = ensure_gateway(GatewayConfig(derive_key(secret_key()), port=free_ports(1)[0]),
+                                   namespace=GATEWAY_NAMESPACE)
     try:
         yield f"http://{host}:{port}"
     finally:
@@ -139,3 +144,41 @@ def test_gc_and_the_ray_tab_ask_the_owners_through_the_gateway(gateway_url: str,
         assert key in dry.released and key in client.inventory(namespace, 0)  # a dry run releases nothing
         done = collect_garbage(conn_id="gw_gc", grace_s=0)
         assert key in done.released and key not in client.inventory(namespace, 0)
+
+
+@pytest.mark.usefixtures("gateway_conn")
+def test_a_gateway_restarted_mid_run_loses_nothing(gateway_url: str, tmp_path: Path,
+                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    """The gateway's actor is killed while a task polls it; Ray restarts it on the same port, the task's polls are
+    asked again meanwhile, and the Ray task, held by its owner, runs once and its result arrives."""
+    import ray
+
+    from airflow_ray_provider.cluster.gateway import GATEWAY_NAME
+    from airflow_ray_provider.gateway_client import GatewayClient
+
+    restarted: list[str] = []
+
+    def restart_once_started() -> None:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "runs").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ray.kill(ray.get_actor(GATEWAY_NAME, namespace=GATEWAY_NAMESPACE), no_restart=False)
+        with GatewayClient(gateway_url, derive_key(secret_key()), timeout=5) as client:
+            while time.monotonic() < deadline:
+                try:
+                    restarted.append(client.version()["provider"])
+                    break
+                except GatewayError:
+                    time.sleep(0.1)
+        (tmp_path / "go").touch()
+
+    helper = threading.Thread(target=restart_once_started, daemon=True)
+    helper.start()
+    dr = gateway_dags.gateway_restart_dag.test(run_conf={"folder": str(tmp_path)})
+    helper.join(timeout=60)
+    log = _log(capfd)
+    assert restarted, "the gateway did not come back"
+    assert ti_states(dr) == {("gated", -1): "success"}, log[-4000:]
+    assert pulled(dr, "gated") == 42
+    assert (tmp_path / "runs").read_text() == "run\n"  # the body ran once
+    assert "The gateway did not answer poll of Ray task gateway_restart.gated" in log
