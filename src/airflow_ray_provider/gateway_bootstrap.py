@@ -146,6 +146,7 @@ def test_gateway(settings: RaySettings) -> tuple[bool, str]:
     """The Test button for a connection through a gateway: asks it (bounded by ``connect_timeout``), and where it
     does not answer yet, the dashboard that would start it. Starts nothing, imports no Ray."""
     assert settings.gateway_url is not None
+    # A client of its own, bounded by connect_timeout, not this process's cached one (bounded for tasks).
     with GatewayClient(settings.gateway_url, client_for(settings).key, timeout=settings.connect_timeout,
                        verify=settings.gateway_ca or True) as client:
         try:

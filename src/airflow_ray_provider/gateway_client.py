@@ -134,11 +134,17 @@ class GatewayClient:
                lease_s: float, hold_s: float = 0.0, inputs: Sequence[api.HeldInputRequest] = ()) -> dict[str, Any]:
         """Run ``parts`` (``(callable bytes, args, kwargs[, checkpoint job])``, upstream results as
         ``gateway_api.HeldInput`` naming ``inputs``) as Ray task ``key``, owned by owner ``shard``."""
+        return self.submit_pickled(key, namespace, shard, cloudpickle.dumps(parts, protocol=5), options, lease_s,
+                                   hold_s, inputs)
+
+    def submit_pickled(self, key: str, namespace: str, shard: int, payload: bytes, options: Mapping[str, Any],
+                       lease_s: float, hold_s: float = 0.0,
+                       inputs: Sequence[api.HeldInputRequest] = ()) -> dict[str, Any]:
+        """``submit`` with ``parts`` already cloudpickled (``payload``): pickled once, however often it is sent."""
         self.check_version()
         call: api.CallRequest = {
             "key": key, "namespace": namespace, "shard": shard, "options": dict(options), "lease_s": lease_s,
-            "hold_s": hold_s, "payload": base64.b64encode(cloudpickle.dumps(parts, protocol=5)).decode(),
-            "inputs": list(inputs)}
+            "hold_s": hold_s, "payload": base64.b64encode(payload).decode(), "inputs": list(inputs)}
         return self._json("POST", "/calls", body=json.dumps(call).encode())
 
     def poll(self, key: str, namespace: str, shard: int, log_offset: int = 0, wait: float = 0.0) -> dict[str, Any]:
@@ -297,7 +303,7 @@ class GatewayTaskRun(TaskRun):
                fingerprint: str | None = None, inputs: Sequence[Mapping[str, Any]] = ()) -> None:
         parts = self.call_parts(fn, args, kwargs, job, inputs_digest, fingerprint)
         try:
-            cloudpickle.dumps(parts, protocol=5)
+            payload = cloudpickle.dumps(parts, protocol=5)
         except Exception as exc:
             raise find_unpicklable(tuple(args), kwargs, self.task_label) from exc
         held = [api.HeldInputRequest(namespace=str(i["namespace"]), shard=int(i["shard"]), key=str(i["key"]))
@@ -308,8 +314,8 @@ class GatewayTaskRun(TaskRun):
             nonlocal asked
             asked += 1
             try:
-                return self.client.submit(self.key, self.namespace, self.shard, parts, options, self.lease_s,
-                                          self.hold_s, held)
+                return self.client.submit_pickled(self.key, self.namespace, self.shard, payload, options,
+                                                  self.lease_s, self.hold_s, held)
             except GatewayError as exc:
                 # Asked again after no answer: the first request may have reached the owner, which refuses a key
                 # it holds. The key is this try's own (it ends in a random part), so the run is ours.
